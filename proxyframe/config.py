@@ -1,0 +1,241 @@
+"""
+Configuration: a TOML file (read with :mod:`tomllib`) turned into typed,
+frozen values.
+
+A missing file means the safe default: listen on ``127.0.0.1:8080`` only,
+CONNECT to port 443 only.  A malformed file, an unknown key or a value of the
+wrong type raises :class:`ConfigError`, whose message names the file, the key
+and what was expected; ``twistd proxyframe`` prints it and exits without a
+traceback.
+
+Durations are seconds (``float``), sizes are bytes (``int``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Limits",
+    "Timeouts",
+    "UpstreamSettings",
+    "load_config",
+    "DEFAULT_LISTEN",
+]
+
+#: The listener used when neither the config nor ``--listen`` names one:
+#: loopback only, so a default install is never an open proxy.
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.  The message names the file (when
+    there is one), the dotted key, and what was expected.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """
+    Timeouts, in seconds.
+
+    :ivar connect: opening a TCP connection to the upstream, including name
+        resolution; past it the client gets 504 (``connection_timeout``).
+    :ivar response: waiting for the upstream's response head, and for each
+        later read of its body while the client is not pausing it; past it
+        the client gets 504 (``http_response_timeout``) or, mid-body, the
+        connection is closed.
+    :ivar header: a client's whole request head must arrive within this, or
+        it gets 408 and the connection is closed (slowloris defence).
+    :ivar client_idle: a keep-alive client connection with no request in
+        progress is closed after this.
+    :ivar upstream_idle: an idle pooled upstream connection is closed after
+        this.
+    :ivar shutdown_grace: on SIGTERM/SIGINT, in-flight exchanges get this
+        long to finish before their connections are aborted.
+    """
+
+    connect: float = 10.0
+    response: float = 60.0
+    header: float = 10.0
+    client_idle: float = 60.0
+    upstream_idle: float = 30.0
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """
+    Size limits on what a client sends (RFC 9112 §3, RFC 6585 §5).
+
+    :ivar max_request_line: bytes in the request line; longer gets 414.
+    :ivar max_header_bytes: bytes in the whole request head (request line
+        and field lines); larger gets 431.  The same bound applies to a
+        response head from the upstream (502 past it).
+    :ivar max_header_fields: field lines in one head; more gets 431.
+    """
+
+    max_request_line: int = 8192
+    max_header_bytes: int = 65536
+    max_header_fields: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """
+    The pool of persistent connections to origin servers.
+
+    :ivar max_idle_per_origin: idle connections kept per origin
+        (scheme, host, port); more are closed when released.
+    :ivar max_idle: idle connections kept in all; the oldest idle one is
+        closed to make room.
+    """
+
+    max_idle_per_origin: int = 8
+    max_idle: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """
+    The whole proxy configuration.
+
+    :ivar listen: Twisted server endpoint strings (``tcp:8080:interface=
+        127.0.0.1``, ``tcp6:8080:interface=\\:\\:1``); the proxy accepts on
+        each of them.
+    :ivar connect_ports: destination ports a CONNECT tunnel may be opened
+        to; any other port gets 403 (RFC 9110 §9.3.6 advises limiting them).
+    :ivar via: the pseudonym this proxy adds to ``Via`` (RFC 9110 §7.6.3).
+    :ivar access_log: log one line per exchange (client, method, target,
+        status, bytes, duration) through :mod:`twisted.logger`.
+    :ivar source: the file this was read from, or ``None`` for defaults.
+    """
+
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    connect_ports: tuple[int, ...] = (443,)
+    via: str = "proxyframe"
+    access_log: bool = True
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    source: str | None = None
+
+    def replace(self, **changes: object) -> Config:
+        """
+        :returns: a copy with the given top-level fields changed.
+        """
+        return dataclasses.replace(self, **changes)
+
+
+_SECTIONS: dict[str, type] = {
+    "timeouts": Timeouts,
+    "limits": Limits,
+    "upstream": UpstreamSettings,
+}
+_NOT_IN_FILE = frozenset({"source"} | set(_SECTIONS))
+
+
+def load_config(path: str | None) -> Config:
+    """
+    Read a TOML config file.
+
+    :param path: the file, or ``None`` for the built-in safe default.
+    :returns: the validated :class:`Config`.
+    :raises ConfigError: the file cannot be read or parsed, a key is
+        unknown, or a value has the wrong type or range; the message names
+        the file and the key.
+    """
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return config_from_dict(data, source=path)
+
+
+def config_from_dict(data: dict, source: str | None = None) -> Config:
+    """
+    Build a :class:`Config` from parsed TOML (a ``dict``).
+
+    :raises ConfigError: as :func:`load_config`.
+    """
+    where = f"{source}: " if source else ""
+    top = typing.get_type_hints(Config)
+    values: dict[str, object] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}[{key}] must be a table")
+            values[key] = _build(_SECTIONS[key], value, f"{key}.", where)
+        elif key in top and key not in _NOT_IN_FILE:
+            values[key] = _convert(value, top[key], key, where)
+        else:
+            raise ConfigError(
+                f"{where}unknown key {key!r} (expected one of: "
+                f"{', '.join(sorted((set(top) - {'source'})))})"
+            )
+    config = Config(source=source, **values)
+    _check(config, where)
+    return config
+
+
+def _build(cls: type, table: dict, prefix: str, where: str) -> object:
+    fields = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{where}unknown key {prefix}{key!r} (expected one of: "
+                f"{', '.join(sorted(fields))})"
+            )
+        values[key] = _convert(value, fields[key], prefix + key, where)
+    return cls(**values)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _convert(value: object, hint: object, key: str, where: str) -> object:
+    """Check one TOML value against a field's resolved type hint."""
+    if typing.get_origin(hint) is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}{key} must be a list of {_TYPE_NAMES[item][2:]}s")
+        return tuple(_scalar(v, item, f"{key}[{i}]", where) for i, v in enumerate(value))
+    return _scalar(value, hint, key, where)
+
+
+def _scalar(value: object, kind: type, key: str, where: str) -> object:
+    # bool is an int in Python, and TOML integers are fine where a float is
+    # wanted, but not the other way round.
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{where}{key} must be {_TYPE_NAMES[kind]}, not {value!r}")
+    return value
+
+
+def _check(config: Config, where: str) -> None:
+    """Range checks that types alone cannot express."""
+    if not config.listen:
+        raise ConfigError(f"{where}listen must name at least one endpoint")
+    for port in config.connect_ports:
+        if not 0 < port < 65536:
+            raise ConfigError(f"{where}connect_ports: {port} is not a TCP port (1-65535)")
+    for section in _SECTIONS:
+        for f in dataclasses.fields(getattr(config, section)):
+            if getattr(getattr(config, section), f.name) <= 0:
+                raise ConfigError(f"{where}{section}.{f.name} must be greater than 0")
+    if not config.via or any(c in config.via for c in " \t\r\n,;"):
+        raise ConfigError(f"{where}via must be a single token (no spaces, commas)")
+

@@ -1,0 +1,714 @@
+"""
+The client side: :class:`ProxyServer`, one per client connection, and the
+:class:`ProxyFactory` that holds the configuration, the upstream pool and
+the set of live connections.
+
+A connection handles one exchange at a time; pipelined requests wait in a
+bounded buffer (past :data:`PIPELINE_BUFFER` bytes the socket stops being
+read), so responses go out in request order (RFC 9112 §9.3.2).  Request
+bodies stream upstream as they arrive, response bodies stream to the
+client; each side pauses the other when its send buffer is full.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from proxyframe.config import Config
+from proxyframe.errorpage import ProxyError, error_response
+from proxyframe.exchange import Exchange, Headers, Request, Response
+from proxyframe.forwarding import (
+    HOP_BY_HOP,
+    connection_tokens,
+    parse_absolute_form,
+    parse_authority_form,
+    request_head_for_upstream,
+    response_head_for_client,
+)
+from proxyframe.http1 import (
+    LAST_CHUNK,
+    BodyReader,
+    ProtocolError,
+    encode_chunk,
+    parse_request_head,
+    request_body_reader,
+)
+from proxyframe.protocol.tunnel import Tunnel, TunnelUpstream
+from proxyframe.protocol.upstream import UpstreamConnection, UpstreamPool, connect_error
+
+__all__ = ["ProxyFactory", "ProxyServer", "PIPELINE_BUFFER"]
+
+_access_log = Logger(namespace="proxyframe.access")
+
+#: Bytes of pipelined requests held while a response is in progress before
+#: the client socket stops being read (Twisted's HTTPChannel uses 16 KiB).
+PIPELINE_BUFFER = 65536
+#: After an error that leaves unread input, how long (seconds) the
+#: connection keeps reading and discarding before it is closed, so that the
+#: client sees the error page instead of a reset (a "lingering close").
+LINGER = 2.0
+
+# Connection states.
+_HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED = range(5)
+# Reasons to stop reading the client socket, as bits: reading resumes only
+# when none is left.
+_PAUSE_UPSTREAM, _PAUSE_PIPELINE, _PAUSE_CONNECTING = 1, 2, 4
+# Methods that may be retried on a fresh connection when a reused one was
+# closed before any response byte (RFC 9110 §9.2.2).
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class ProxyServer(Protocol):
+    """
+    One client connection.  Parses requests, forwards them through the
+    factory's :class:`UpstreamPool` or opens a CONNECT tunnel, and writes
+    the responses back in order.
+
+    Errors the proxy makes itself (see :mod:`proxyframe.errorpage`): 400
+    bad framing or target, 403 CONNECT to a port not allowed or a
+    forwarding loop, 408 head too slow, 414 request line too long, 431 head
+    too large, 501 unknown transfer coding, 502/504 upstream failures, 505
+    HTTP version.  After a framing error the connection is closed.
+    """
+
+    _log = Logger()
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+        self._reactor = factory.reactor
+        self._state = _HEAD
+        self._buf = bytearray()
+        self._scanned = 0
+        self._pause_bits = 0
+        self._timer = None
+        self._client = ""
+        self.exchange: Exchange | None = None
+        self._upstream: UpstreamConnection | None = None
+        self._tunnel: Tunnel | None = None
+        self._reader: BodyReader | None = None
+        self._early = b""
+        self._head_bytes = b""
+        self._keep_alive = True
+        self._response_started = False
+        self._response_body = False
+        self._chunk_out = False
+        self._retried = False
+        self._stopping = False
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self._client = f"{peer.host}:{peer.port}"
+        self.factory.connection_made(self, self.transport.getHost())
+        self.transport.setTcpNoDelay(True)
+        self._set_timer(self.factory.config.timeouts.client_idle, self._idle_timeout)
+
+    def connectionLost(self, reason) -> None:
+        state = self._state
+        self._state = _CLOSED
+        self._cancel_timer()
+        if self._upstream is not None:
+            upstream, self._upstream = self._upstream, None
+            upstream.abort()
+        if self._tunnel is not None:
+            self._tunnel.close()
+        elif self.exchange is not None and state != _TUNNEL:
+            self.exchange.error = self.exchange.error or "client_closed"
+            self._log_exchange()
+        self.factory.connection_lost(self)
+
+    def readConnectionLost(self) -> None:
+        """The client half-closed: finish what is in progress, then close."""
+        if self._state == _TUNNEL:
+            self._tunnel.client_eof()
+        elif self._state == _WAIT:
+            self._keep_alive = False
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        # After a lingering close, the client's own close (or the LINGER
+        # timer) ends the connection; in a tunnel, the Tunnel decides.
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _TUNNEL:
+            self._tunnel.from_client(data)
+        elif state == _BODY:
+            self._receive_body(data)
+        elif state == _HEAD:
+            self._receive_head(data)
+        elif state == _WAIT:
+            self._buf += data
+            if len(self._buf) > PIPELINE_BUFFER:
+                self._pause(_PAUSE_PIPELINE)
+
+    # -- reading the request head ---------------------------------------
+
+    def _receive_head(self, data: bytes) -> None:
+        buf = self._buf
+        if not buf:
+            # Fast path: a whole head in one read.
+            if data[:2] == b"\r\n":
+                # RFC 9112 §2.2: ignore empty lines before a request-line.
+                data = data.lstrip(b"\r\n")
+                if not data:
+                    return
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                self._head_complete(data[:end], data[end + 4:])
+                return
+            buf += data
+            self._scanned = 0
+            self._set_timer(self.factory.config.timeouts.header, self._header_timeout)
+        else:
+            buf += data
+            if buf[:2] == b"\r\n":
+                buf[:] = buf.lstrip(b"\r\n")
+            end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
+            if end >= 0:
+                head, rest = bytes(buf[:end]), bytes(buf[end + 4:])
+                buf.clear()
+                self._head_complete(head, rest)
+                return
+        self._scanned = len(buf)
+        limits = self.factory.config.limits
+        line_end = buf.find(b"\r\n")
+        if (line_end < 0 and len(buf) > limits.max_request_line) or line_end > limits.max_request_line:
+            self._reject(ProtocolError(414, "the request line is too long"))
+        elif len(buf) > limits.max_header_bytes:
+            self._reject(ProtocolError(431, "the request head is too large"))
+
+    def _head_complete(self, head: bytes, rest: bytes) -> None:
+        self._cancel_timer()
+        exchange = self.exchange = Exchange(self._client, None, self._reactor.seconds())
+        limits = self.factory.config.limits
+        try:
+            if len(head) > limits.max_header_bytes:
+                raise ProtocolError(431, "the request head is too large")
+            line_end = head.find(b"\r\n")
+            if line_end > limits.max_request_line or (line_end < 0 and len(head) > limits.max_request_line):
+                raise ProtocolError(414, "the request line is too long")
+            request = exchange.request = parse_request_head(head, limits.max_header_fields)
+            if request.method == b"CONNECT":
+                parse_authority_form(request)
+            else:
+                parse_absolute_form(request)
+                self._reader = request_body_reader(request)
+        except ProtocolError as e:
+            self._reject(e)
+            return
+        if request.method == b"CONNECT":
+            self._open_tunnel(request, rest)
+        else:
+            self._forward(request, rest)
+
+    def _reject(self, error: ProtocolError) -> None:
+        """Answer a request whose framing or size is bad, then close."""
+        if self.exchange is None:
+            self.exchange = Exchange(self._client, None, self._reactor.seconds())
+        self._buf.clear()
+        self._keep_alive = False
+        self._respond_error(ProxyError(error.status, "http_request_error", error.detail))
+
+    # -- forwarding a request --------------------------------------------
+
+    def _forward(self, request: Request, rest: bytes) -> None:
+        headers = request.headers
+        tokens = connection_tokens(headers)
+        if request.version == b"1.1":
+            self._keep_alive = b"close" not in tokens
+        else:
+            proxy_tokens = {t.strip().lower() for t in (headers.get(b"proxy-connection") or b"").split(b",")}
+            self._keep_alive = b"keep-alive" in tokens or b"keep-alive" in proxy_tokens
+        if self._stopping:
+            self._keep_alive = False
+        reader = self._reader
+        if reader is None:
+            self._state = _WAIT
+            self._buf += rest
+        else:
+            self._state = _BODY
+            self._early = rest
+        if request.method in (b"TRACE", b"OPTIONS") and b"max-forwards" in headers:
+            if self._max_forwards(request):
+                return
+        framing = [(b"Transfer-Encoding", b"chunked")] if reader is not None and reader.chunked else []
+        self._head_bytes = request_head_for_upstream(request, tokens, self.factory.via, framing)
+        self._retried = False
+        conn = self.factory.pool.take((request.host, request.port))
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._connect_upstream(request)
+
+    def _max_forwards(self, request: Request) -> bool:
+        """
+        RFC 9110 §7.6.2: answer TRACE or OPTIONS here when Max-Forwards is
+        0, else decrement it.  :returns: whether the proxy answered.
+        """
+        value = request.headers.get(b"max-forwards")
+        if not value.isdigit():
+            self._keep_alive = False
+            self._respond_error(ProxyError(400, "http_request_error", "Max-Forwards must be a number"))
+            return True
+        hops = int(value)
+        if hops > 0:
+            request.headers.set(b"Max-Forwards", b"%d" % (hops - 1))
+            return False
+        if request.method == b"TRACE":
+            # RFC 9110 §9.3.8: echo the request as received, less the
+            # fields that carry credentials.
+            echoed = Headers(request.headers)
+            echoed.remove(b"Proxy-Authorization", b"Authorization", b"Cookie")
+            body = b"%s %s HTTP/%s\r\n%s\r\n" % (request.method, request.target, request.version, echoed.encode())
+            content_type = b"message/http"
+        else:
+            body = b""
+            content_type = b"text/plain"
+        headers = Headers([(b"Content-Type", content_type), (b"Content-Length", b"%d" % len(body))])
+        if request.method == b"OPTIONS":
+            headers.add(b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH, CONNECT")
+        self._respond_local(Response(200, b"OK", headers), body)
+        return True
+
+    def _connect_upstream(self, request: Request) -> None:
+        # Nothing more is read from the client until the upstream is there
+        # to take it: a request body must not pile up in memory.
+        self._pause(_PAUSE_CONNECTING)
+        d = self.factory.pool.connect((request.host, request.port))
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        if self._state == _CLOSED:
+            self.factory.pool.release(conn)
+            return
+        self._resume(_PAUSE_CONNECTING)
+        if self.factory.is_loop(conn.transport):
+            conn.transport.loseConnection()
+            self._respond_error(self._loop_error())
+            return
+        self._attach(conn)
+
+    def _connect_failed(self, failure) -> None:
+        if self._state == _CLOSED:
+            return
+        self._resume(_PAUSE_CONNECTING)
+        request = self.exchange.request
+        self._respond_error(connect_error(failure.value, f"{request.host}:{request.port}"))
+
+    def _loop_error(self) -> ProxyError:
+        request = self.exchange.request
+        return ProxyError(403, "proxy_loop_detected",
+                          "The request is addressed to this proxy itself (a forwarding loop)",
+                          f"{request.host}:{request.port}")
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self._upstream = conn
+        request = self.exchange.request
+        conn.start(self, request.method, self._head_bytes, self._reader is not None)
+        if self._state == _BODY and self._early:
+            early, self._early = self._early, b""
+            self._receive_body(early)
+
+    # -- request body ------------------------------------------------------
+
+    def _receive_body(self, data: bytes) -> None:
+        upstream = self._upstream
+        if upstream is None:
+            # Still connecting (reading is paused): keep what came with the head.
+            self._early += data
+            return
+        reader = self._reader
+        try:
+            if reader.chunked:
+                rest = reader.read(data, self._send_chunk)
+            else:
+                rest = reader.read(data, upstream.write)
+        except ProtocolError as e:
+            self._upstream = None
+            upstream.abort()
+            self._reject(e)
+            return
+        if rest is None:
+            return
+        if reader.chunked:
+            trailers = reader.trailers
+            if trailers is not None and len(trailers):
+                trailers.discard(HOP_BY_HOP)
+                upstream.write(b"0\r\n" + trailers.encode() + b"\r\n")
+            else:
+                upstream.write(LAST_CHUNK)
+        upstream.request_complete()
+        self._reader = None
+        self._state = _WAIT
+        self._buf += rest
+
+    def _send_chunk(self, data: bytes) -> None:
+        self._upstream.write_sequence(encode_chunk(data))
+
+    # -- responses (called by UpstreamConnection) -------------------------
+
+    def interim_response(self, response: Response) -> None:
+        """Relay a 1xx to HTTP/1.1 clients (RFC 9110 §15.2)."""
+        if self.exchange.request.version == b"1.1":
+            self.transport.write(response_head_for_client(response, self.factory.via, []))
+
+    def response_head(self, response: Response, reader: BodyReader | None) -> None:
+        self.exchange.response = response
+        self._response_started = True
+        framing: list[tuple[bytes, bytes]] = []
+        has_body = reader is not None
+        self._chunk_out = False
+        if has_body and (reader.chunked or reader.ends_at_eof):
+            if self.exchange.request.version == b"1.1":
+                self._chunk_out = True
+                framing.append((b"Transfer-Encoding", b"chunked"))
+            else:
+                self._keep_alive = False
+        if not self._keep_alive:
+            framing.append((b"Connection", b"close"))
+        elif self.exchange.request.version == b"1.0":
+            framing.append((b"Connection", b"keep-alive"))
+        self.transport.write(response_head_for_client(response, self.factory.via, framing))
+        self._response_body = has_body
+        if has_body:
+            self.transport.registerProducer(self._upstream, True)
+
+    def response_data(self, data: bytes) -> None:
+        self.exchange.bytes_sent += len(data)
+        if self._chunk_out:
+            self.transport.writeSequence(encode_chunk(data))
+        else:
+            self.transport.write(data)
+
+    def response_complete(self, trailers: Headers | None) -> None:
+        if self._chunk_out:
+            if trailers is not None and len(trailers):
+                trailers.discard(HOP_BY_HOP)
+                self.transport.write(b"0\r\n" + trailers.encode() + b"\r\n")
+            else:
+                self.transport.write(LAST_CHUNK)
+        if self._response_body:
+            self.transport.unregisterProducer()
+        self._upstream = None
+        if self._state == _BODY:
+            # The origin answered before the whole request body came; where
+            # the next request would start is not worth finding out.
+            self._keep_alive = False
+        self._end_exchange()
+
+    def upstream_failed(self, error: ProxyError, conn: UpstreamConnection) -> None:
+        self._upstream = None
+        if self._response_started:
+            # The status is on the wire already; only a cut connection tells
+            # the client the body is incomplete.
+            self.exchange.error = error.error_type
+            if self._response_body:
+                self.transport.unregisterProducer()
+            self.transport.abortConnection()
+            return
+        if (conn.reused and not conn.got_response_bytes and not self._retried
+                and self._reader is None and self.exchange.request.method in _IDEMPOTENT):
+            # The origin closed an idle connection as we reused it: the
+            # request was not processed, so it is safe to send again once.
+            self._retried = True
+            self._connect_upstream(self.exchange.request)
+            return
+        if self._state == _BODY:
+            self._keep_alive = False
+        self._respond_error(error)
+
+    # -- responses made here ------------------------------------------------
+
+    def _respond_error(self, error: ProxyError) -> None:
+        exchange = self.exchange
+        exchange.error = error.error_type
+        request = exchange.request
+        accept = request.headers.get(b"accept") if request is not None else None
+        response, body = error_response(error, accept, self.factory.via)
+        if request is not None and request.method == b"HEAD":
+            body = b""
+        self._respond_local(response, body)
+
+    def _respond_local(self, response: Response, body: bytes) -> None:
+        """Send a whole response made by the proxy and end the exchange."""
+        exchange = self.exchange
+        exchange.response = response
+        if self._state == _BODY:
+            # The rest of the request body will not be read.
+            self._keep_alive = False
+        if not self._keep_alive:
+            response.headers.add(b"Connection", b"close")
+        self.transport.write(response_head_for_client(response, None, []) + body)
+        exchange.bytes_sent = len(body)
+        self._end_exchange()
+
+    # -- end of an exchange -------------------------------------------------
+
+    def _end_exchange(self) -> None:
+        self._log_exchange()
+        self.exchange = None
+        self._response_started = False
+        if self._state == _CLOSED:
+            return
+        if not self._keep_alive:
+            self._close_after_response()
+            return
+        self._state = _HEAD
+        self._next_request()
+
+    def _next_request(self) -> None:
+        self._resume(_PAUSE_PIPELINE)
+        if self._buf:
+            pending = bytes(self._buf)
+            self._buf.clear()
+            # A call per pipelined request; bounded by PIPELINE_BUFFER.
+            self._reactor.callLater(0, self._pipelined, pending)
+        else:
+            self._set_timer(self.factory.config.timeouts.client_idle, self._idle_timeout)
+
+    def _pipelined(self, pending: bytes) -> None:
+        if self._state == _HEAD:
+            self._receive_head(pending)
+        elif self._state != _CLOSED:
+            self._buf[:0] = pending
+
+    def _close_after_response(self) -> None:
+        self._state = _CLOSED
+        self._cancel_timer()
+        if self._upstream is not None:
+            upstream, self._upstream = self._upstream, None
+            upstream.abort()
+        # Half-close and keep reading (and dropping) a little while, so that
+        # unread request bytes do not turn our close into a reset that could
+        # destroy the response before the client reads it.
+        self._resume(_PAUSE_UPSTREAM | _PAUSE_PIPELINE | _PAUSE_CONNECTING)
+        self.transport.loseWriteConnection()
+        self._set_timer(LINGER, self.transport.abortConnection)
+
+    def _log_exchange(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            self.factory.log_exchange(exchange)
+
+    # -- CONNECT ----------------------------------------------------------
+
+    def _open_tunnel(self, request: Request, rest: bytes) -> None:
+        self._keep_alive = False
+        if request.port not in self.factory.config.connect_ports:
+            self._respond_error(ProxyError(
+                403, "http_request_denied",
+                f"CONNECT is not allowed to port {request.port}", f"{request.host}:{request.port}"))
+            return
+        self._state = _WAIT
+        self._early = rest
+        self._pause(_PAUSE_CONNECTING)
+        d = self.factory.pool.connect((request.host, request.port), TunnelUpstream())
+        d.addCallbacks(self._tunnel_connected, self._connect_failed)
+
+    def _tunnel_connected(self, upstream: TunnelUpstream) -> None:
+        if self._state == _CLOSED:
+            upstream.transport.loseConnection()
+            return
+        if self.factory.is_loop(upstream.transport):
+            upstream.transport.loseConnection()
+            self._resume(_PAUSE_CONNECTING)
+            self._respond_error(self._loop_error())
+            return
+        exchange = self.exchange
+        exchange.response = Response(200, b"Connection established", Headers())
+        self.transport.write(_CONNECTION_ESTABLISHED)
+        self._state = _TUNNEL
+        self._pause_bits = 0
+        self._tunnel = upstream.tunnel = Tunnel(self.transport, upstream.transport, self._tunnel_closed)
+        self.transport.resumeProducing()
+        early, self._early, self._buf = self._early + bytes(self._buf), b"", bytearray()
+        if early:
+            self._tunnel.from_client(early)
+
+    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.bytes_sent = tunnel.bytes_down
+            exchange.notes["bytes_received"] = tunnel.bytes_up
+            self._log_exchange()
+            self.exchange = None
+
+    # -- timers, flow control, shutdown -------------------------------------
+
+    def _set_timer(self, seconds: float, action) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._reactor.callLater(seconds, action)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        self.transport.loseConnection()
+
+    def _header_timeout(self) -> None:
+        """RFC 9110 §15.5.9: the head did not arrive in time."""
+        self._timer = None
+        self.exchange = Exchange(self._client, None, self._reactor.seconds())
+        self._buf.clear()
+        self._keep_alive = False
+        self._respond_error(ProxyError(408, "http_request_error", "The request head did not arrive in time"))
+
+    def _pause(self, bit: int) -> None:
+        if not self._pause_bits:
+            self.transport.pauseProducing()
+        self._pause_bits |= bit
+
+    def _resume(self, bits: int) -> None:
+        if self._pause_bits & bits:
+            self._pause_bits &= ~bits
+            if not self._pause_bits:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """The upstream's send buffer is full: stop reading the client."""
+        self._pause(_PAUSE_UPSTREAM)
+
+    def resumeProducing(self) -> None:
+        self._resume(_PAUSE_UPSTREAM)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        """
+        Stop after the exchange in progress: an idle connection closes now,
+        a busy one after its response (``Connection: close``).
+        """
+        self._stopping = True
+        self._keep_alive = False
+        if self._state == _HEAD and not self._buf:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Close at once (the shutdown grace period is over)."""
+        if self._tunnel is not None:
+            self._tunnel.abort()
+        self.transport.abortConnection()
+
+
+class ProxyFactory(Factory):
+    """
+    The proxy, ready to listen: ``endpoint.listen(ProxyFactory(config))``.
+
+    :ivar config: the :class:`~proxyframe.config.Config`.
+    :ivar pool: the shared :class:`UpstreamPool`.
+    :ivar reactor: the reactor used for every timer and connection.
+    """
+
+    noisy = False
+
+    def __init__(self, config: Config | None = None, reactor=None) -> None:
+        """
+        :param config: the configuration; ``None`` for the safe default.
+        :param reactor: the reactor; ``None`` for the global one (tests pass
+            their own).
+        """
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config if config is not None else Config()
+        self.reactor = reactor
+        self.via = self.config.via.encode("ascii")
+        self.pool = UpstreamPool(reactor, self.config)
+        self.connections: set[ProxyServer] = set()
+        self._listening: set[tuple[str, int]] = set()
+        self._listening_ports: set[int] = set()
+        self._drained: Deferred | None = None
+        self._stopping = False
+
+    def buildProtocol(self, addr) -> ProxyServer | None:
+        if self._stopping:
+            return None
+        return ProxyServer(self)
+
+    def connection_made(self, proto: ProxyServer, local) -> None:
+        """Track a new client connection and the address it reached us on."""
+        self.connections.add(proto)
+        self._listening.add((local.host, local.port))
+        self._listening_ports.add(local.port)
+
+    def connection_lost(self, proto: ProxyServer) -> None:
+        self.connections.discard(proto)
+        if self._drained is not None and not self.connections:
+            d, self._drained = self._drained, None
+            d.callback(None)
+
+    def listening_on(self, address) -> None:
+        """Record a listening address (for loop detection before any client)."""
+        self._listening.add((address.host, address.port))
+        self._listening_ports.add(address.port)
+
+    def is_loop(self, upstream_transport) -> bool:
+        """
+        Whether a new upstream connection leads back to this proxy: its
+        peer is one of our listening addresses, or has one of our listening
+        ports on the very address the connection left from (this machine,
+        when we listen on a wildcard address).
+        """
+        peer = upstream_transport.getPeer()
+        if (peer.host, peer.port) in self._listening:
+            return True
+        return peer.port in self._listening_ports and peer.host == upstream_transport.getHost().host
+
+    def log_exchange(self, exchange: Exchange) -> None:
+        """
+        One access-log line per exchange: client, method, target, status,
+        body bytes sent, duration in seconds, and the RFC 9209 error type
+        when the proxy failed it.
+        """
+        if not self.config.access_log:
+            return
+        request = exchange.request
+        response = exchange.response
+        _access_log.info(
+            "{client} {method} {target} {status} {size} {duration:.3f}{error}",
+            client=exchange.client,
+            method=request.method.decode("ascii") if request else "-",
+            target=request.target.decode("ascii", "replace") if request else "-",
+            status=response.status if response else 0,
+            size=exchange.bytes_sent,
+            duration=self.reactor.seconds() - exchange.started,
+            error=f" {exchange.error}" if exchange.error else "",
+        )
+
+    def shutdown(self, grace: float) -> Deferred:
+        """
+        Stop taking connections, let exchanges in progress finish for up to
+        *grace* seconds, then abort what is left.
+
+        :returns: a ``Deferred`` firing when every client connection is gone.
+        """
+        self._stopping = True
+        self.pool.close_idle()
+        for proto in list(self.connections):
+            proto.shutdown()
+        if not self.connections:
+            return succeed(None)
+        self._drained = Deferred()
+        timer = self.reactor.callLater(grace, self._abort_all)
+        self._drained.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return self._drained
+
+    def _abort_all(self) -> None:
+        for proto in list(self.connections):
+            proto.abort()
+
