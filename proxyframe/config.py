@@ -97,8 +97,8 @@ class UpstreamSettings:
         closed to make room.
     """
 
-    max_idle_per_origin: int = 8
-    max_idle: int = 256
+    max_idle_per_origin: int = 128
+    max_idle: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
