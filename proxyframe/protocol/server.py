@@ -77,8 +77,6 @@ class ProxyServer(Protocol):
     HTTP version.  After a framing error the connection is closed.
     """
 
-    _log = Logger()
-
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
         self._reactor = factory.reactor
@@ -100,6 +98,8 @@ class ProxyServer(Protocol):
         self._chunk_out = False
         self._retried = False
         self._stopping = False
+        self._read_eof = False
+        self._line_end = -1
 
     # -- connection ------------------------------------------------------
 
@@ -126,6 +126,7 @@ class ProxyServer(Protocol):
 
     def readConnectionLost(self) -> None:
         """The client half-closed: finish what is in progress, then close."""
+        self._read_eof = True
         if self._state == _TUNNEL:
             self._tunnel.client_eof()
         elif self._state == _WAIT:
@@ -134,9 +135,17 @@ class ProxyServer(Protocol):
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        # After a lingering close, the client's own close (or the LINGER
-        # timer) ends the connection; in a tunnel, the Tunnel decides.
-        pass
+        """
+        Our half-close after the last response is done (everything was
+        flushed).  Close once the client has closed too, or after LINGER
+        seconds of reading and dropping what it still sends.
+        """
+        if self._state == _TUNNEL:
+            return
+        if self._read_eof:
+            self.transport.loseConnection()
+        else:
+            self._set_timer(LINGER, self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
@@ -168,6 +177,7 @@ class ProxyServer(Protocol):
                 return
             buf += data
             self._scanned = 0
+            self._line_end = -1
             self._set_timer(self.factory.config.timeouts.header, self._header_timeout)
         else:
             buf += data
@@ -179,12 +189,16 @@ class ProxyServer(Protocol):
                 buf.clear()
                 self._head_complete(head, rest)
                 return
-        self._scanned = len(buf)
         limits = self.factory.config.limits
-        line_end = buf.find(b"\r\n")
-        if (line_end < 0 and len(buf) > limits.max_request_line) or line_end > limits.max_request_line:
-            self._reject(ProtocolError(414, "the request line is too long"))
-        elif len(buf) > limits.max_header_bytes:
+        if self._line_end < 0:
+            # Resume the search where the last one stopped (no rescans).
+            self._line_end = buf.find(b"\r\n", max(0, self._scanned - 1))
+            if (self._line_end < 0 and len(buf) > limits.max_request_line) \
+                    or self._line_end > limits.max_request_line:
+                self._reject(ProtocolError(414, "the request line is too long"))
+                return
+        self._scanned = len(buf)
+        if len(buf) > limits.max_header_bytes:
             self._reject(ProtocolError(431, "the request head is too large"))
 
     def _head_complete(self, head: bytes, rest: bytes) -> None:
@@ -490,10 +504,10 @@ class ProxyServer(Protocol):
             upstream.abort()
         # Half-close and keep reading (and dropping) a little while, so that
         # unread request bytes do not turn our close into a reset that could
-        # destroy the response before the client reads it.
+        # destroy the response before the client reads it: see
+        # writeConnectionLost.
         self._resume(_PAUSE_UPSTREAM | _PAUSE_PIPELINE | _PAUSE_CONNECTING)
         self.transport.loseWriteConnection()
-        self._set_timer(LINGER, self.transport.abortConnection)
 
     def _log_exchange(self) -> None:
         exchange = self.exchange

@@ -20,7 +20,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from proxyframe.errorpage import ProxyError
@@ -80,8 +79,6 @@ class UpstreamConnection(Protocol):
     :ivar got_response_bytes: whether the current exchange saw any byte
         from the origin.
     """
-
-    _log = Logger()
 
     def __init__(self, pool: UpstreamPool, key: OriginKey) -> None:
         self.pool = pool
@@ -325,8 +322,6 @@ class UpstreamPool:
     (at most ``upstream.max_idle``, the oldest closed first), and closed
     after ``timeouts.upstream_idle`` seconds.
     """
-
-    _log = Logger()
 
     def __init__(self, reactor, config: Config) -> None:
         self.reactor = reactor
