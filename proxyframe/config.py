@@ -14,6 +14,7 @@ Durations are seconds (``float``), sizes are bytes (``int``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -195,7 +196,7 @@ def _build(cls: type, table: dict, prefix: str, where: str) -> object:
     for key, value in table.items():
         if key not in fields:
             raise ConfigError(
-                f"{where}unknown key {prefix}{key!r} (expected one of: "
+                f"{where}unknown key '{prefix}{key}' (expected one of: "
                 f"{', '.join(sorted(fields))})"
             )
         values[key] = _convert(value, fields[key], prefix + key, where)
@@ -203,6 +204,9 @@ def _build(cls: type, table: dict, prefix: str, where: str) -> object:
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL_NAMES = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+# RFC 9110 §5.6.2 token, the form of a Via pseudonym (§7.6.3).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _convert(value: object, hint: object, key: str, where: str) -> object:
@@ -210,7 +214,7 @@ def _convert(value: object, hint: object, key: str, where: str) -> object:
     if typing.get_origin(hint) is tuple:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         if not isinstance(value, list):
-            raise ConfigError(f"{where}{key} must be a list of {_TYPE_NAMES[item][2:]}s")
+            raise ConfigError(f"{where}{key} must be a list of {_PLURAL_NAMES[item]}")
         return tuple(_scalar(v, item, f"{key}[{i}]", where) for i, v in enumerate(value))
     return _scalar(value, hint, key, where)
 
@@ -236,6 +240,7 @@ def _check(config: Config, where: str) -> None:
         for f in dataclasses.fields(getattr(config, section)):
             if getattr(getattr(config, section), f.name) <= 0:
                 raise ConfigError(f"{where}{section}.{f.name} must be greater than 0")
-    if not config.via or any(c in config.via for c in " \t\r\n,;"):
-        raise ConfigError(f"{where}via must be a single token (no spaces, commas)")
+    if not _TOKEN.fullmatch(config.via):
+        raise ConfigError(f"{where}via must be a token (ASCII letters, digits and !#$%&'*+-.^_`|~), "
+                          f"not {config.via!r}")
 

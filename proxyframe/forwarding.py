@@ -37,6 +37,11 @@ HOP_BY_HOP = frozenset({
     b"proxy-authorization",
 })
 
+#: Fields a ``Connection`` option must not remove: the message's framing
+#: and its target.  Honouring ``Connection: content-length`` would forward
+#: a body without its length (request smuggling).
+_NOT_REMOVABLE = frozenset({b"content-length", b"host"})
+
 # RFC 3986 §3.2.2 reg-name (no percent-encoding accepted) / IPv4 / [IPv6].
 _REG_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-_.]*[A-Za-z0-9_])?\.?")
 # http://authority[path-abempty][?query]; userinfo and fragments are refused.
@@ -125,9 +130,10 @@ def strip_hop_by_hop(headers: Headers, tokens: set[bytes]) -> None:
     Remove the hop-by-hop fields and every field named in ``Connection``
     (RFC 9110 §7.6.1).
 
-    :param tokens: :func:`connection_tokens` of the same headers.
+    :param tokens: :func:`connection_tokens` of the same headers; options
+        naming ``Content-Length`` or ``Host`` are ignored.
     """
-    headers.discard(HOP_BY_HOP | tokens if tokens else HOP_BY_HOP)
+    headers.discard(HOP_BY_HOP | (tokens - _NOT_REMOVABLE) if tokens else HOP_BY_HOP)
 
 
 def _add_via(headers: Headers, version: bytes, pseudonym: bytes) -> None:

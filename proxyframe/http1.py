@@ -152,15 +152,23 @@ def request_body_reader(request: Request) -> BodyReader | None:
     Decide the request's message body length (RFC 9112 §6.3).
 
     :returns: a reader for the body, or ``None`` when there is none.
-    :raises ProtocolError: 400 for Content-Length with Transfer-Encoding or
-        a bad Content-Length; 501 for a transfer coding other than chunked.
+    :raises ProtocolError: 400 for Content-Length with Transfer-Encoding, a
+        bad Content-Length, Transfer-Encoding in HTTP/1.0 (§6.1) or a final
+        coding other than chunked (§6.3); 501 for codings before chunked.
     """
     headers = request.headers
     te = headers.get(b"transfer-encoding")
     if te is not None:
         if b"content-length" in headers:
             raise ProtocolError(400, "Content-Length with Transfer-Encoding")
-        if te.lower() != b"chunked":
+        if request.version == b"1.0":
+            # §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
+            raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip() for c in te.lower().split(b",")]
+        if codings[-1] != b"chunked":
+            # §6.3 item 4: the length cannot be determined.
+            raise ProtocolError(400, "the final transfer coding is not chunked")
+        if len(codings) > 1:
             raise ProtocolError(501, "only the chunked transfer coding is supported")
         return ChunkedReader()
     length = _content_length(headers)
@@ -330,6 +338,8 @@ class ChunkedReader:
                         raise ProtocolError(400, "chunk-size or trailer line too long")
                     self._partial = data[pos:]
                     return None
+                if end - pos > self.MAX_LINE:
+                    raise ProtocolError(400, "chunk-size or trailer line too long")
                 line = data[pos:end]
                 pos = end + 2
                 if state == _SIZE:

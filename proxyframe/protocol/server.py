@@ -350,7 +350,13 @@ class ProxyServer(Protocol):
         except ProtocolError as e:
             self._upstream = None
             upstream.abort()
-            self._reject(e)
+            if self._response_started:
+                # A status is on the wire already; an error page cannot
+                # follow it, only a cut connection.
+                self.exchange.error = "http_request_error"
+                self.transport.abortConnection()
+            else:
+                self._reject(e)
             return
         if rest is None:
             return
@@ -423,12 +429,16 @@ class ProxyServer(Protocol):
     def upstream_failed(self, error: ProxyError, conn: UpstreamConnection) -> None:
         self._upstream = None
         if self._response_started:
-            # The status is on the wire already; only a cut connection tells
-            # the client the body is incomplete.
+            # The status is on the wire already: deliver what was relayed,
+            # then close short of the announced length (or without the last
+            # chunk), which tells the client the body is incomplete.
             self.exchange.error = error.error_type
             if self._response_body:
                 self.transport.unregisterProducer()
-            self.transport.abortConnection()
+            self._state = _CLOSED
+            self._log_exchange()
+            self.exchange = None
+            self.transport.loseConnection()
             return
         if (conn.reused and not conn.got_response_bytes and not self._retried
                 and self._reader is None and self.exchange.request.method in _IDEMPOTENT):
@@ -460,9 +470,8 @@ class ProxyServer(Protocol):
         if self._state == _BODY:
             # The rest of the request body will not be read.
             self._keep_alive = False
-        if not self._keep_alive:
-            response.headers.add(b"Connection", b"close")
-        self.transport.write(response_head_for_client(response, None, []) + body)
+        framing = [] if self._keep_alive else [(b"Connection", b"close")]
+        self.transport.write(response_head_for_client(response, None, framing) + body)
         exchange.bytes_sent = len(body)
         self._end_exchange()
 

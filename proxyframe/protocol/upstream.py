@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Protocol as TypingProtocol
 
 from twisted.internet import error as ierror
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IPushProducer
@@ -59,7 +60,7 @@ def connect_error(failure_value: BaseException, host: str) -> ProxyError:
         return ProxyError(502, "dns_error", "The host name could not be resolved", host)
     if isinstance(failure_value, ierror.ConnectionRefusedError):
         return ProxyError(502, "connection_refused", "The upstream server refused the connection", host)
-    if isinstance(failure_value, ierror.TimeoutError):
+    if isinstance(failure_value, (ierror.TimeoutError, defer.TimeoutError)):
         return ProxyError(504, "connection_timeout", "Connecting to the upstream server timed out", host)
     return ProxyError(502, "destination_unavailable",
                       f"Cannot connect to the upstream server: {failure_value}", host)
@@ -118,12 +119,19 @@ class UpstreamConnection(Protocol):
         self._timer = self.pool.reactor.callLater(self.pool.response_timeout, self._timed_out)
 
     def write(self, data: bytes) -> None:
-        """Send request body bytes (already framed for this hop)."""
+        """
+        Send request body bytes (already framed for this hop).  While the
+        body flows, the response timeout counts from the last write.
+        """
         self.transport.write(data)
+        if self._timer is not None:
+            self._timer.reset(self.pool.response_timeout)
 
     def write_sequence(self, data: list[bytes]) -> None:
-        """Send request body pieces without joining them."""
+        """Send request body pieces without joining them (see :meth:`write`)."""
         self.transport.writeSequence(data)
+        if self._timer is not None:
+            self._timer.reset(self.pool.response_timeout)
 
     def request_complete(self) -> None:
         """The request body has been sent in full."""
@@ -220,11 +228,12 @@ class UpstreamConnection(Protocol):
         buf += data
         while self._state == _HEAD:
             end = buf.find(b"\r\n\r\n")
+            if (end if end >= 0 else len(buf)) > self.pool.max_head_bytes:
+                self._fail(ProxyError(502, "http_response_header_section_size",
+                                      "The upstream's response head is too large",
+                                      f"{self.key[0]}:{self.key[1]}"))
+                return
             if end < 0:
-                if len(buf) > self.pool.max_head_bytes:
-                    self._fail(ProxyError(502, "http_response_header_section_size",
-                                          "The upstream's response head is too large",
-                                          f"{self.key[0]}:{self.key[1]}"))
                 return
             head = bytes(buf[:end])
             del buf[:end + 4]
@@ -365,7 +374,9 @@ class UpstreamPool:
         if protocol is None:
             protocol = UpstreamConnection(self, key)
         endpoint = HostnameEndpoint(self.reactor, key[0], key[1], timeout=self.connect_timeout)
-        return endpoint.connect(_OneConnection(protocol))
+        # The endpoint's timeout bounds each attempt; this bounds the whole,
+        # name resolution included.
+        return endpoint.connect(_OneConnection(protocol)).addTimeout(self.connect_timeout, self.reactor)
 
     def release(self, conn: UpstreamConnection) -> None:
         """
