@@ -334,7 +334,7 @@ class ProxyProcess:
         self._listening = threading.Event()
         self.host = self.port = None
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._listening.wait(30):
+        if not self._listening.wait(30) or self.port is None:
             self.stop()
             raise RuntimeError("proxyframe did not start:\n" + "\n".join(self.lines))
 
@@ -392,14 +392,15 @@ def proxy_config(**sections) -> str:
     A TOML config listening on 127.0.0.1 port 0; keyword arguments add
     top-level keys (``connect_ports=[443]``) or tables (``timeouts={...}``).
     """
-    lines = ['listen = ["tcp:0:interface=127.0.0.1"]', "access_log = true"]
+    sections = {"listen": ["tcp:0:interface=127.0.0.1"], "access_log": True, **sections}
+    lines = []
     tables = []
     for key, value in sections.items():
         if isinstance(value, dict):
             tables.append(f"[{key}]")
             tables.extend(f"{k} = {_toml(v)}" for k, v in value.items())
         else:
-            lines.insert(0, f"{key} = {_toml(value)}")
+            lines.append(f"{key} = {_toml(value)}")
     return "\n".join(lines + tables) + "\n"
 
 
