@@ -687,10 +687,13 @@ class ProxyFactory(Factory):
         ports on the very address the connection left from (this machine,
         when we listen on a wildcard address).
         """
-        peer = upstream_transport.getPeer()
-        if (peer.host, peer.port) in self._listening:
+        # The socket's own view: getPeer() gives the address dialled, and
+        # dialling 0.0.0.0 reaches this machine.
+        sock = upstream_transport.getHandle()
+        peer_host, peer_port = sock.getpeername()[:2]
+        if (peer_host, peer_port) in self._listening:
             return True
-        return peer.port in self._listening_ports and peer.host == upstream_transport.getHost().host
+        return peer_port in self._listening_ports and peer_host == sock.getsockname()[0]
 
     def log_exchange(self, exchange: Exchange) -> None:
         """
