@@ -96,6 +96,7 @@ class ProxyServer(Protocol):
         self._response_started = False
         self._response_body = False
         self._chunk_out = False
+        self._close_delimited_out = False
         self._retried = False
         self._stopping = False
         self._read_eof = False
@@ -387,12 +388,13 @@ class ProxyServer(Protocol):
         self._response_started = True
         framing: list[tuple[bytes, bytes]] = []
         has_body = reader is not None
-        self._chunk_out = False
+        self._chunk_out = self._close_delimited_out = False
         if has_body and (reader.chunked or reader.ends_at_eof):
             if self.exchange.request.version == b"1.1":
                 self._chunk_out = True
                 framing.append((b"Transfer-Encoding", b"chunked"))
             else:
+                self._close_delimited_out = True
                 self._keep_alive = False
         if not self._keep_alive:
             framing.append((b"Connection", b"close"))
@@ -429,16 +431,20 @@ class ProxyServer(Protocol):
     def upstream_failed(self, error: ProxyError, conn: UpstreamConnection) -> None:
         self._upstream = None
         if self._response_started:
-            # The status is on the wire already: deliver what was relayed,
-            # then close short of the announced length (or without the last
-            # chunk), which tells the client the body is incomplete.
+            # The status is on the wire already.  With a Content-Length or
+            # chunked body, a close short of the end tells the client it is
+            # incomplete, so deliver what was relayed, then close; a
+            # close-delimited body would look complete, so reset instead.
             self.exchange.error = error.error_type
             if self._response_body:
                 self.transport.unregisterProducer()
             self._state = _CLOSED
             self._log_exchange()
             self.exchange = None
-            self.transport.loseConnection()
+            if self._close_delimited_out:
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
             return
         if (conn.reused and not conn.got_response_bytes and not self._retried
                 and self._reader is None and self.exchange.request.method in _IDEMPOTENT):

@@ -16,11 +16,11 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Protocol as TypingProtocol
 
 from twisted.internet import error as ierror
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxyframe.errorpage import ProxyError
@@ -60,7 +60,7 @@ def connect_error(failure_value: BaseException, host: str) -> ProxyError:
         return ProxyError(502, "dns_error", "The host name could not be resolved", host)
     if isinstance(failure_value, ierror.ConnectionRefusedError):
         return ProxyError(502, "connection_refused", "The upstream server refused the connection", host)
-    if isinstance(failure_value, (ierror.TimeoutError, defer.TimeoutError)):
+    if isinstance(failure_value, ierror.TimeoutError):
         return ProxyError(504, "connection_timeout", "Connecting to the upstream server timed out", host)
     return ProxyError(502, "destination_unavailable",
                       f"Cannot connect to the upstream server: {failure_value}", host)
@@ -310,6 +310,11 @@ class UpstreamConnection(Protocol):
         self.transport.abortConnection()
 
 
+def _timed_out(result: object, timeout: float) -> Failure:
+    """For addTimeout: a cancelled connection attempt is a timeout."""
+    return Failure(ierror.TimeoutError(f"no connection within {timeout} seconds"))
+
+
 class _OneConnection(Factory):
     """Builds the one given protocol (quietly: no log line per connection)."""
 
@@ -376,7 +381,8 @@ class UpstreamPool:
         endpoint = HostnameEndpoint(self.reactor, key[0], key[1], timeout=self.connect_timeout)
         # The endpoint's timeout bounds each attempt; this bounds the whole,
         # name resolution included.
-        return endpoint.connect(_OneConnection(protocol)).addTimeout(self.connect_timeout, self.reactor)
+        d = endpoint.connect(_OneConnection(protocol))
+        return d.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
 
     def release(self, conn: UpstreamConnection) -> None:
         """
