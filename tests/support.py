@@ -321,10 +321,11 @@ class ProxyProcess:
     working tree's code.  Its output lines are collected in :attr:`lines`.
     """
 
-    def __init__(self, config_text: str, tmp: Path, extra_args: list[str] = ()) -> None:
+    def __init__(self, config_text: str, tmp: Path, extra_args: list[str] = (),
+                 pythonpath: str = str(REPO)) -> None:
         self.config_path = tmp / f"proxyframe-{id(self)}.toml"
         self.config_path.write_text(config_text)
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             twistd_command() + ["-n", "--pidfile=", "proxyframe", "--config", str(self.config_path),
@@ -333,7 +334,8 @@ class ProxyProcess:
         )
         self._listening = threading.Event()
         self.host = self.port = None
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._listening.wait(30) or self.port is None:
             self.stop()
             raise RuntimeError("proxyframe did not start:\n" + "\n".join(self.lines))
@@ -384,7 +386,17 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._close_stdout()
         return self.proc.returncode
+
+    def _close_stdout(self) -> None:
+        """
+        Close the pipe from the exited process once the reader thread has
+        read it to the end (EOF), so that :attr:`lines` is complete.
+        """
+        self._reader.join(10)
+        if not self._reader.is_alive():
+            self.proc.stdout.close()
 
 
 def proxy_config(**sections) -> str:
@@ -452,3 +464,14 @@ def read_response(sock: socket.socket, method: str = "GET") -> tuple[int, dict[s
 
 def tempdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="proxyframe-test-"))
+
+
+# -- waiting -----------------------------------------------------------------------
+
+def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll *condition* until it is true; fail the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)

@@ -14,8 +14,7 @@ import threading
 
 import pytest
 
-from support import body_bytes, body_chunks, read_response
-from test_flow_control import (
+from flowtools import (
     IN_FLIGHT_BOUND,
     MIB,
     SMALL_BUFFER,
@@ -25,6 +24,7 @@ from test_flow_control import (
     expected_sha256,
     small_buffer_socket,
 )
+from support import body_bytes, body_chunks, read_response
 
 # -- helpers --------------------------------------------------------------------
 

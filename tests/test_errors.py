@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from test_framing import Client, Reply, assert_proxy_status, assert_ran_clean, exchange, scripted_origin
+from rawhttp import Client, Reply, assert_proxy_status, assert_ran_clean, exchange, scripted_origin
 
 HTML = "text/html,application/xhtml+xml,*/*;q=0.8"
 ACCEPTS = {"no-accept": None, "html": HTML, "json": "application/json"}

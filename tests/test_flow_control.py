@@ -7,180 +7,40 @@ size: 1 GiB goes through in each direction with the proxy's resident set
 growing by less than :data:`RSS_BOUND`, and the sha256 at the far end
 matches.
 
-The helpers :class:`Progress`, :class:`RssSampler`, :func:`wait_until` and
-:func:`small_buffer_socket` are also used by ``test_connect.py`` and
-``test_operations.py``.
+The generic helpers (:class:`Progress`, :class:`RssSampler`,
+:class:`Pacer`, :class:`BodyHash` and others) are in ``flowtools.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import http.client
 import socket
 import threading
-import time
 
 import pytest
 
-from support import OriginConnection, Received, body_chunks, body_sha256, read_response
+from flowtools import (
+    GIB,
+    IN_FLIGHT_BOUND,
+    MIB,
+    SMALL_BUFFER,
+    TIMEOUT,
+    BodyHash,
+    Pacer,
+    PacedSocket,
+    Progress,
+    RssSampler,
+    expected_sha256,
+    small_buffer_socket,
+)
+from support import OriginConnection, Received, body_chunks, read_response
 
-KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 #: Most the proxy's RSS may grow over its baseline while a body streams.
 RSS_BOUND = 64 * MIB
-#: Most bytes that may be in flight between a blocked sender and a reader
-#: that stopped: the proxy's socket buffers and its write buffer, with the
-#: test's own sockets kept to SMALL_BUFFER.
-IN_FLIGHT_BOUND = 16 * MIB
-#: SO_RCVBUF / SO_SNDBUF of the test's own sockets in back-pressure tests,
-#: so that what is measured is the proxy's buffering.
-SMALL_BUFFER = 256 * KIB
-TIMEOUT = 30.0
 
 
-# -- helpers (shared with test_connect.py and test_operations.py) -------------
-
-def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll *condition* until it is true; fail the test after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-class Progress:
-    """A byte count that another thread advances (bytes sent or read)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def add(self, n: int) -> None:
-        self.count += n
-
-    def wait_stalled(self, quiet: float = 1.0, timeout: float = TIMEOUT) -> int:
-        """
-        Wait until the count has not moved for *quiet* seconds (the thread
-        advancing it is blocked) and return it; fail after *timeout*.
-        """
-        deadline = time.monotonic() + timeout
-        last, since = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            now, value = time.monotonic(), self.count
-            if value != last:
-                last, since = value, now
-            elif now - since >= quiet:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"the transfer never stalled ({self.count} bytes moved)")
-
-
-class RssSampler:
-    """
-    Samples the proxy's RSS every 0.2 s in a background thread while the
-    ``with`` block runs; :attr:`growth` is the peak over the baseline taken
-    on entry.
-    """
-
-    def __init__(self, proxy) -> None:
-        self.proxy = proxy
-        self.baseline = self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, self.proxy.rss_bytes())
-
-    def __enter__(self) -> RssSampler:
-        self.baseline = self.peak = self.proxy.rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.peak = max(self.peak, self.proxy.rss_bytes())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.baseline
-
-
-def small_buffer_socket(option: int | None) -> socket.socket:
-    """A TCP socket with *option* (``SO_RCVBUF``/``SO_SNDBUF``) set to SMALL_BUFFER."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if option is not None:
-        sock.setsockopt(socket.SOL_SOCKET, option, SMALL_BUFFER)
-    sock.settimeout(TIMEOUT)
-    return sock
-
-
-@functools.cache
-def expected_sha256(size: int, seed: int) -> str:
-    """:func:`support.body_sha256`, computed once per (size, seed) per run."""
-    return body_sha256(size, seed)
-
-
-# -- helpers (this file) ----------------------------------------------------------
-
-class Pacer:
-    """
-    A slow reader: :meth:`advance` stops for *pause* seconds each time the
-    count of bytes read passes a multiple of *every*.  While it stops,
-    whatever the proxy cannot hand on must wait in the sender, not in the
-    proxy's memory.
-    """
-
-    def __init__(self, every: int, pause: float = 1.0) -> None:
-        self.every, self.pause, self.count = every, pause, 0
-
-    def advance(self, n: int) -> None:
-        before, self.count = self.count, self.count + n
-        if before // self.every != self.count // self.every:
-            time.sleep(self.pause)
-
-
-class PacedSocket:
-    """A socket whose ``recv`` goes through a :class:`Pacer`; everything else is the socket's."""
-
-    def __init__(self, sock: socket.socket, pacer: Pacer) -> None:
-        self._sock, self._pacer = sock, pacer
-
-    def recv(self, n: int) -> bytes:
-        data = self._sock.recv(n)
-        self._pacer.advance(len(data))
-        return data
-
-    def __getattr__(self, name: str):
-        return getattr(self._sock, name)
-
-
-class BodyHash:
-    """The length and running sha256 of a body read so far."""
-
-    def __init__(self) -> None:
-        self.length = 0
-        self._sha = hashlib.sha256()
-
-    def update(self, piece: bytes) -> None:
-        self.length += len(piece)
-        self._sha.update(piece)
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
-
-    def read(self, resp: http.client.HTTPResponse, upto: int | None = None, pacer: Pacer | None = None) -> None:
-        """Read *resp* body (until *upto* bytes in all, or its end), hashing it, paced by *pacer*."""
-        while upto is None or self.length < upto:
-            piece = resp.read(MIB if upto is None else min(MIB, upto - self.length))
-            if not piece:
-                return
-            self.update(piece)
-            if pacer is not None:
-                pacer.advance(len(piece))
-
+# -- helpers --------------------------------------------------------------------
 
 @contextlib.contextmanager
 def get(proxy, url: str, rcvbuf: bool = False):

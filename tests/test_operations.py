@@ -18,12 +18,11 @@ import sys
 import threading
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 
-from support import REPO, ProxyProcess, twistd_command
-from test_flow_control import TIMEOUT, wait_until
+from flowtools import TIMEOUT
+from support import REPO, ProxyProcess, twistd_command, wait_until
 
 ACCESS = r"\[proxyframe\.access#info\] "
 LISTENING = re.compile(r"proxyframe listening on 127\.0\.0\.1:(\d+)")
@@ -386,26 +385,24 @@ def test_wheel_carries_dropin_that_installed_twistd_finds(tmp_path):
     assert "twisted/plugins/proxyframe_dropin.py" in names
     assert not {"twisted/__init__.py", "twisted/plugins/__init__.py"} & names
 
-    # Everything runs from a directory outside the tree: in the repository,
-    # "import twisted" would find its twisted/plugins as a namespace package.
-    _run(sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv, cwd=tmp_path)
+    # A fresh venv that shares nothing with this one (which may have
+    # proxyframe installed): the wheel's own dependencies from the package
+    # index, then the wheel.  Everything runs outside the tree: in the
+    # repository, "import twisted" would find its twisted/plugins.
+    _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
-    if subprocess.run([python, "-c", "import twisted"], cwd=tmp_path, capture_output=True).returncode != 0:
-        # The running interpreter is itself a venv: lend its packages (the
-        # dependencies) to the new one, which still gets proxyframe only
-        # from the wheel.
-        site_dir = _run(python, "-c", _PURELIB, cwd=tmp_path).strip()
-        Path(site_dir, "deps.pth").write_text(_run(sys.executable, "-c", _PURELIB, cwd=tmp_path))
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requirements = [line.split(":", 1)[1].strip()
+                    for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+                    if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    _run(python, "-m", "pip", "install", "-q", *requirements, cwd=tmp_path, timeout=600)
     command = [python, "-c", "from twisted.scripts.twistd import run; run()", "proxyframe", "--help"]
     before = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60)
     assert "Unknown command: proxyframe" in before.stdout + before.stderr, before.stdout + before.stderr
-    _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    _run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
     after = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60)
     assert after.returncode == 0, after.stdout + after.stderr
     assert "--config" in after.stdout and "--listen" in after.stdout
-
-
-_PURELIB = "import sysconfig; print(sysconfig.get_path('purelib'))"
 
 
 def _clean_env() -> dict[str, str]:

@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
+from rawhttp import Client, assert_proxy_status, assert_ran_clean, exchange, fill
 from support import Origin, OriginConnection, body_bytes
-from test_framing import Client, assert_proxy_status, assert_ran_clean, exchange, fill
 
 
 def request(origin, *fields: str, method: str = "GET", path: str = "/", version: str = "HTTP/1.1",
