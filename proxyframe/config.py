@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "Config",
     "ConfigError",
+    "FilterEntry",
     "Limits",
     "Timeouts",
     "UpstreamSettings",
@@ -103,6 +104,20 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterEntry:
+    """
+    One ``[[filter]]`` table: which plugin, and its options.
+
+    :ivar use: the plugin's name (``IFilterFactory.name``).
+    :ivar options: the table's other keys, as parsed (checked by the
+        plugin's ``build``, not here).
+    """
+
+    use: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """
     The whole proxy configuration.
@@ -115,6 +130,11 @@ class Config:
     :ivar via: the pseudonym this proxy adds to ``Via`` (RFC 9110 §7.6.3).
     :ivar access_log: log one line per exchange (client, method, target,
         status, bytes, duration) through :mod:`twisted.logger`.
+    :ivar plugin_paths: directories whose ``.py`` files are searched for
+        filter plugins, besides installed ones (relative to the config
+        file's directory).
+    :ivar filters: the ``[[filter]]`` entries, in order: the request phase
+        runs them in this order, the response phase in reverse.
     :ivar source: the file this was read from, or ``None`` for defaults.
     """
 
@@ -122,6 +142,8 @@ class Config:
     connect_ports: tuple[int, ...] = (443,)
     via: str = "proxyframe"
     access_log: bool = True
+    plugin_paths: tuple[str, ...] = ()
+    filters: tuple[FilterEntry, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -139,7 +161,7 @@ _SECTIONS: dict[str, type] = {
     "limits": Limits,
     "upstream": UpstreamSettings,
 }
-_NOT_IN_FILE = frozenset({"source"} | set(_SECTIONS))
+_NOT_IN_FILE = frozenset({"source", "filters"} | set(_SECTIONS))
 
 
 def load_config(path: str | None) -> Config:
@@ -174,7 +196,9 @@ def config_from_dict(data: dict, source: str | None = None) -> Config:
     top = typing.get_type_hints(Config)
     values: dict[str, object] = {}
     for key, value in data.items():
-        if key in _SECTIONS:
+        if key == "filter":
+            values["filters"] = _filters(value, where)
+        elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}[{key}] must be a table")
             values[key] = _build(_SECTIONS[key], value, f"{key}.", where)
@@ -183,11 +207,25 @@ def config_from_dict(data: dict, source: str | None = None) -> Config:
         else:
             raise ConfigError(
                 f"{where}unknown key {key!r} (expected one of: "
-                f"{', '.join(sorted((set(top) - {'source'})))})"
+                f"{', '.join(sorted((set(top) - {'source', 'filters'}) | {'filter'}))})"
             )
     config = Config(source=source, **values)
     _check(config, where)
     return config
+
+
+def _filters(value: object, where: str) -> tuple[FilterEntry, ...]:
+    """``[[filter]]``: an array of tables, each with a string ``use``."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{where}filter must be an array of tables ([[filter]])")
+    entries = []
+    for i, table in enumerate(value):
+        options = dict(table)
+        use = options.pop("use", None)
+        if not isinstance(use, str) or not use:
+            raise ConfigError(f"{where}filter[{i}].use must name a filter plugin (a string)")
+        entries.append(FilterEntry(use, options))
+    return tuple(entries)
 
 
 def _build(cls: type, table: dict, prefix: str, where: str) -> object:

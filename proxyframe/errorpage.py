@@ -35,7 +35,7 @@ class ProxyError(Exception):
         self.host = host
 
 
-def error_response(error: ProxyError, accept: bytes | None, pseudonym: bytes) -> tuple[Response, bytes]:
+def error_response(error: ProxyError, accept: bytes | None, pseudonym: bytes) -> Response:
     """
     Render *error* as a response the proxy sends itself.
 
@@ -43,9 +43,9 @@ def error_response(error: ProxyError, accept: bytes | None, pseudonym: bytes) ->
         accepts ``text/html`` gets HTML, any other gets plain text.
     :param pseudonym: this proxy's name, which is also its name in
         ``Proxy-Status`` (RFC 9209 §2).
-    :returns: the :class:`Response` (with ``Content-Type``,
-        ``Content-Length``, ``Cache-Control: no-store`` and
-        ``Proxy-Status``) and its body.
+    :returns: the :class:`Response`, with ``Content-Type``,
+        ``Content-Length``, ``Cache-Control: no-store``, ``Proxy-Status``
+        and its ``body``.
     """
     phrase = HTTPStatus(error.status).phrase
     where = f" ({error.host})" if error.host else ""
@@ -69,4 +69,4 @@ def error_response(error: ProxyError, accept: bytes | None, pseudonym: bytes) ->
         (b"Cache-Control", b"no-store"),
         (b"Proxy-Status", proxy_status),
     ])
-    return Response(error.status, phrase.encode(), headers), body
+    return Response(error.status, phrase.encode(), headers, body=body)

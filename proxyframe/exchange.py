@@ -10,6 +10,7 @@ with, and lookups are case-insensitive (RFC 9110 §5.1).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from http import HTTPStatus
 
 __all__ = ["Headers", "Request", "Response", "Exchange"]
 
@@ -169,44 +170,94 @@ class Request:
 
 class Response:
     """
-    A response head: from the upstream, or made by the proxy.
+    A response head: from the upstream, or made by the proxy or a filter.
 
     :ivar status: the status code (``int``, 100-599).
     :ivar reason: the reason phrase (``bytes``, may be empty).
     :ivar version: the HTTP version the sender used (``b"1.1"``).
     :ivar headers: the header fields.
+    :ivar body: the whole body (``bytes``) of a response made here, or
+        ``None`` for a response from the upstream (its body streams).
     """
 
-    __slots__ = ("status", "reason", "version", "headers")
+    __slots__ = ("status", "reason", "version", "headers", "body")
 
-    def __init__(self, status: int, reason: bytes, headers: Headers, version: bytes = b"1.1") -> None:
+    def __init__(self, status: int, reason: bytes, headers: Headers, version: bytes = b"1.1",
+                 body: bytes | None = None) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.version = version
+        self.body = body
+
+    @classmethod
+    def make(cls, status: int, body: bytes | str = b"", headers: Iterable[tuple[bytes, bytes]] = (),
+             content_type: bytes = b"text/plain; charset=utf-8") -> Response:
+        """
+        A whole response for a filter to return, e.g.
+        ``Response.make(403, "Forbidden by policy\n")``.
+
+        :param status: the status code; the reason phrase is the standard one.
+        :param body: the body (``str`` is encoded as UTF-8).
+        :param headers: extra fields, e.g. ``[(b"Proxy-Authenticate",
+            b'Basic realm="proxy"')]``.
+        :param content_type: the ``Content-Type`` of a non-empty body.
+        :returns: a :class:`Response` with ``Content-Length`` set.
+        """
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        fields = list(headers)
+        if body:
+            fields.append((b"Content-Type", content_type))
+        fields.append((b"Content-Length", b"%d" % len(body)))
+        try:
+            reason = HTTPStatus(status).phrase.encode("ascii")
+        except ValueError:
+            reason = b""
+        return cls(status, reason, Headers(fields), body=body)
 
 
 class Exchange:
     """
-    One request and its outcome, as the access log sees it.
+    One request and its outcome: what filters and the access log see.
 
     :ivar client: the client's ``"host:port"``.
+    :ivar client_host: the client's address alone (``str``; IPv6 without
+        brackets).
     :ivar request: the :class:`Request` (``None`` if the head never parsed).
     :ivar response: the :class:`Response` sent to the client, or ``None``.
     :ivar started: reactor time (seconds) when the request head was complete.
-    :ivar bytes_sent: body bytes sent to the client (``int``).
+    :ivar ended: reactor time (seconds) when the exchange ended, or ``None``.
+    :ivar bytes_received: request body bytes read from the client, or, for
+        a tunnel, bytes relayed from the client (``int``).
+    :ivar bytes_sent: response body bytes sent to the client, or, for a
+        tunnel, bytes relayed to the client (``int``).
+    :ivar upstream_address: the address of the upstream the request went
+        to (``str``), or ``None`` when none was used (answered here).
+    :ivar user: the authenticated user name (``str``), set by an
+        authentication filter, else ``None``.
     :ivar error: the RFC 9209 error type (``str``) when the proxy failed the
-        exchange, else ``None``.
-    :ivar notes: free-form ``dict`` for later stages and plugins.
+        exchange, ``"client_closed"`` when the client left first, else
+        ``None``.
+    :ivar notes: free-form ``dict`` in which filters leave values for later
+        filters and the log (prefix keys with the filter's name).
     """
 
-    __slots__ = ("client", "request", "response", "started", "bytes_sent", "error", "notes")
+    __slots__ = ("client", "client_host", "request", "response", "started", "ended",
+                 "bytes_received", "bytes_sent", "upstream_address", "user", "error", "notes", "passed")
 
-    def __init__(self, client: str, request: Request | None, started: float) -> None:
+    def __init__(self, client: str, client_host: str, request: Request | None, started: float) -> None:
         self.client = client
+        self.client_host = client_host
         self.request = request
         self.response: Response | None = None
         self.started = started
+        self.ended: float | None = None
+        self.bytes_received = 0
         self.bytes_sent = 0
+        self.upstream_address: str | None = None
+        self.user: str | None = None
         self.error: str | None = None
         self.notes: dict = {}
+        # How many filters (in config order) the request phase reached.
+        self.passed = 0

@@ -3,13 +3,16 @@ The ``twistd proxyframe`` command: its options and ``makeService``.
 
 ``--config FILE`` reads a TOML file (see :mod:`proxyframe.config`);
 ``--listen ENDPOINT`` (repeatable) replaces the configured listeners with
-Twisted server endpoint strings.  A bad config is reported as a usage error
-naming the file and key, never with a traceback.
+Twisted server endpoint strings; ``--list-filters`` prints the filter
+plugins found and where each comes from, then exits.  A bad config, or a
+filter that is not found or refuses its options, is reported as a usage
+error naming the file and key, never with a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.application.service import Service
 from twisted.internet.defer import DeferredList
@@ -17,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from proxyframe.chain import Chain, build_chain, find_filter_factories, plugin_origin
 from proxyframe.config import Config, ConfigError, load_config
 from proxyframe.protocol.server import ProxyFactory
 
@@ -26,9 +30,12 @@ __all__ = ["Options", "ProxyService", "makeService"]
 class Options(usage.Options):
     """Command-line options of ``twistd proxyframe``."""
 
-    synopsis = "[--config FILE] [--listen ENDPOINT ...]"
+    synopsis = "[--config FILE] [--listen ENDPOINT ...] [--list-filters]"
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: built-in safe defaults)"],
+    ]
+    optFlags = [
+        ["list-filters", None, "print the filter plugins found (with the config's plugin_paths) and exit"],
     ]
 
     def __init__(self) -> None:
@@ -50,7 +57,21 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if self["listen"]:
             config = config.replace(listen=tuple(self["listen"]))
+        from twisted.internet import reactor
+        try:
+            if self["list-filters"]:
+                self._list_filters(config)
+            self["proxy_chain"] = build_chain(config, reactor)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
         self["proxy_config"] = config
+
+    @staticmethod
+    def _list_filters(config: Config) -> None:
+        for name, factory in sorted(find_filter_factories(config).items()):
+            description = getattr(factory, "description", "")
+            print(f"{name:16} {description}\n{'':16} from {plugin_origin(factory)}")
+        sys.exit(0)
 
 
 class ProxyService(Service):
@@ -65,12 +86,12 @@ class ProxyService(Service):
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor=None) -> None:
+    def __init__(self, config: Config, reactor=None, chain: Chain | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
         self.reactor = reactor
-        self.factory = ProxyFactory(config, reactor)
+        self.factory = ProxyFactory(config, reactor, chain)
         self._ports: list = []
 
     def startService(self) -> None:
@@ -108,4 +129,4 @@ class ProxyService(Service):
 
 def makeService(options: Options) -> ProxyService:
     """The twistd entry point: a :class:`ProxyService` from the options."""
-    return ProxyService(options["proxy_config"])
+    return ProxyService(options["proxy_config"], chain=options["proxy_chain"])

@@ -39,8 +39,9 @@ def config_error(path: str) -> str:
 def documented_keys() -> dict[str, object]:
     """Every dotted key of the code's Config with its default value."""
     defaults = Config()
-    keys = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Config)
-            if f.name not in SECTIONS and f.name != "source"}
+    # The filters field is written [[filter]] in the file.
+    keys = {("filter" if f.name == "filters" else f.name): getattr(defaults, f.name)
+            for f in dataclasses.fields(Config) if f.name not in SECTIONS and f.name != "source"}
     for section in SECTIONS:
         table = getattr(defaults, section)
         keys.update({f"{section}.{f.name}": getattr(table, f.name) for f in dataclasses.fields(table)})

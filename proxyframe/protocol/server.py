@@ -16,8 +16,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from proxyframe.chain import Chain, build_chain, run_hooks
 from proxyframe.config import Config
 from proxyframe.errorpage import ProxyError, error_response
 from proxyframe.exchange import Exchange, Headers, Request, Response
@@ -43,6 +45,7 @@ from proxyframe.protocol.upstream import UpstreamConnection, UpstreamPool, conne
 __all__ = ["ProxyFactory", "ProxyServer", "PIPELINE_BUFFER"]
 
 _access_log = Logger(namespace="proxyframe.access")
+_log = Logger()
 
 #: Bytes of pipelined requests held while a response is in progress before
 #: the client socket stops being read (Twisted's HTTPChannel uses 16 KiB).
@@ -56,7 +59,7 @@ LINGER = 2.0
 _HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED = range(5)
 # Reasons to stop reading the client socket, as bits: reading resumes only
 # when none is left.
-_PAUSE_UPSTREAM, _PAUSE_PIPELINE, _PAUSE_CONNECTING = 1, 2, 4
+_PAUSE_UPSTREAM, _PAUSE_PIPELINE, _PAUSE_CONNECTING, _PAUSE_FILTERS = 1, 2, 4, 8
 # Methods that may be retried on a fresh connection when a reused one was
 # closed before any response byte (RFC 9110 §9.2.2).
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -86,7 +89,15 @@ class ProxyServer(Protocol):
         self._pause_bits = 0
         self._timer = None
         self._client = ""
+        self._client_host = ""
+        self._chain: Chain = factory.chain
         self.exchange: Exchange | None = None
+        # While filters decide on a response head: the body pieces and the
+        # end that arrived meanwhile, else None.
+        self._held: list | None = None
+        self._held_reader: BodyReader | None = None
+        self._rest = b""
+        self._producer: UpstreamConnection | None = None
         self._upstream: UpstreamConnection | None = None
         self._tunnel: Tunnel | None = None
         self._reader: BodyReader | None = None
@@ -94,7 +105,7 @@ class ProxyServer(Protocol):
         self._head_bytes = b""
         self._keep_alive = True
         self._response_started = False
-        self._response_body = False
+        self._phase_pending = False
         self._chunk_out = False
         self._close_delimited_out = False
         self._retried = False
@@ -106,6 +117,7 @@ class ProxyServer(Protocol):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
+        self._client_host = peer.host
         self._client = f"{peer.host}:{peer.port}"
         self.factory.connection_made(self, self.transport.getHost())
         self.transport.setTcpNoDelay(True)
@@ -122,7 +134,7 @@ class ProxyServer(Protocol):
             self._tunnel.close()
         elif self.exchange is not None and state != _TUNNEL:
             self.exchange.error = self.exchange.error or "client_closed"
-            self._log_exchange()
+            self._finish_exchange()
         self.factory.connection_lost(self)
 
     def readConnectionLost(self) -> None:
@@ -202,9 +214,13 @@ class ProxyServer(Protocol):
         if len(buf) > limits.max_header_bytes:
             self._reject(ProtocolError(431, "the request head is too large"))
 
+    def _new_exchange(self) -> Exchange:
+        exchange = self.exchange = Exchange(self._client, self._client_host, None, self._reactor.seconds())
+        return exchange
+
     def _head_complete(self, head: bytes, rest: bytes) -> None:
         self._cancel_timer()
-        exchange = self.exchange = Exchange(self._client, None, self._reactor.seconds())
+        exchange = self._new_exchange()
         limits = self.factory.config.limits
         try:
             if len(head) > limits.max_header_bytes:
@@ -221,15 +237,83 @@ class ProxyServer(Protocol):
         except ProtocolError as e:
             self._reject(e)
             return
+        self._keep_alive = self._persistent(request)
+        chain = self._chain
+        hooks = chain.connect_hooks if request.method == b"CONNECT" else chain.request_hooks
+        exchange.passed = chain.size
+        if not hooks:
+            self._dispatch(request, rest)
+            return
+        # The request phase: filters may answer, or take their time (then
+        # nothing more is read from the client until they are done).
+        self._state = _WAIT
+        self._rest = rest
+        self._phase_pending = True
+        run_hooks(hooks, exchange, self._request_phase_done, self._filter_failed, request_phase=True)
+        if self._phase_pending:
+            self._pause(_PAUSE_FILTERS)
+
+    def _persistent(self, request: Request) -> bool:
+        """Whether the client wants the connection kept (RFC 9112 §9.3)."""
+        if self._stopping:
+            return False
+        tokens = connection_tokens(request.headers)
+        if request.version == b"1.1":
+            return b"close" not in tokens
+        proxy_tokens = connection_tokens(Headers([(b"Connection", request.headers.get(b"proxy-connection", b""))]))
+        return b"keep-alive" in tokens or b"keep-alive" in proxy_tokens
+
+    def _dispatch(self, request: Request, rest: bytes) -> None:
         if request.method == b"CONNECT":
             self._open_tunnel(request, rest)
         else:
             self._forward(request, rest)
 
+    def _request_phase_done(self, response: Response | None) -> None:
+        self._phase_pending = False
+        if self._state == _CLOSED:
+            return
+        self._resume(_PAUSE_FILTERS)
+        rest, self._rest = self._rest, b""
+        request = self.exchange.request
+        if response is None:
+            self._dispatch(request, rest)
+            return
+        # A filter answered: the request body, if any, will not be read.
+        if self._reader is not None or request.method == b"CONNECT":
+            self._keep_alive = False
+        else:
+            self._buf += rest
+        self._respond_local(response, b"" if response.body is None else response.body)
+
+    def _filter_failed(self, name: str, failure: Failure) -> None:
+        """
+        A hook raised (or returned something it must not): log it with the
+        filter's name and fail this exchange only, with 500.
+        """
+        _log.failure("filter {filter} failed", failure, filter=name)
+        self._phase_pending = False
+        self._held = None
+        if self._state == _CLOSED:
+            return
+        if self._upstream is not None:
+            upstream, self._upstream = self._upstream, None
+            upstream.abort()
+        self._resume(_PAUSE_FILTERS)
+        if self._response_started:
+            self.exchange.error = "proxy_internal_error"
+            self._state = _CLOSED
+            self._finish_exchange()
+            self.exchange = None
+            self.transport.abortConnection()
+            return
+        self._keep_alive = False
+        self._respond_error(ProxyError(500, "proxy_internal_error", f"The filter {name} failed"), filtered=True)
+
     def _reject(self, error: ProtocolError) -> None:
         """Answer a request whose framing or size is bad, then close."""
         if self.exchange is None:
-            self.exchange = Exchange(self._client, None, self._reactor.seconds())
+            self._new_exchange()
         self._buf.clear()
         self._keep_alive = False
         self._respond_error(ProxyError(error.status, "http_request_error", error.detail))
@@ -239,13 +323,6 @@ class ProxyServer(Protocol):
     def _forward(self, request: Request, rest: bytes) -> None:
         headers = request.headers
         tokens = connection_tokens(headers)
-        if request.version == b"1.1":
-            self._keep_alive = b"close" not in tokens
-        else:
-            proxy_tokens = {t.strip().lower() for t in (headers.get(b"proxy-connection") or b"").split(b",")}
-            self._keep_alive = b"keep-alive" in tokens or b"keep-alive" in proxy_tokens
-        if self._stopping:
-            self._keep_alive = False
         reader = self._reader
         if reader is None:
             self._state = _WAIT
@@ -328,6 +405,7 @@ class ProxyServer(Protocol):
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self._upstream = conn
+        self.exchange.upstream_address = conn.peer_host
         request = self.exchange.request
         conn.start(self, request.method, self._head_bytes, self._reader is not None)
         if self._state == _BODY and self._early:
@@ -348,6 +426,7 @@ class ProxyServer(Protocol):
                 rest = reader.read(data, self._send_chunk)
             else:
                 rest = reader.read(data, upstream.write)
+            self.exchange.bytes_received += len(data) - (len(rest) if rest else 0)
         except ProtocolError as e:
             self._upstream = None
             upstream.abort()
@@ -384,12 +463,54 @@ class ProxyServer(Protocol):
             self.transport.write(response_head_for_client(response, self.factory.via, []))
 
     def response_head(self, response: Response, reader: BodyReader | None) -> None:
-        self.exchange.response = response
+        exchange = self.exchange
+        exchange.response = response
+        if not self._chain.response_hooks:
+            self._send_head(response, reader)
+            return
+        # Filters see the head first; what the origin sends meanwhile is
+        # held (and the origin paused) until they are done.
+        self._held = []
+        self._held_reader = reader
+        self._phase_pending = True
+        run_hooks(self._chain.response_hooks_for(exchange), exchange, self._response_phase_done,
+                  self._filter_failed)
+        if self._phase_pending and self._upstream is not None:
+            self._upstream.pauseProducing()
+
+    def _response_phase_done(self, replacement: Response | None) -> None:
+        self._phase_pending = False
+        held, self._held = self._held, None
+        if self._state == _CLOSED or held is None:
+            return
+        conn = self._upstream
+        if replacement is not None:
+            # The origin's response is dropped for the filter's.
+            if conn is not None:
+                self._upstream = None
+                conn.abort()
+            if self._state == _BODY:
+                self._keep_alive = False
+            self._respond_local(replacement, b"" if replacement.body is None else replacement.body, filtered=True)
+            return
+        self._send_head(self.exchange.response, self._held_reader)
+        for item in held:
+            if isinstance(item, bytes):
+                self.response_data(item)
+            else:
+                self.response_complete(item[0])
+                return
+        if conn is not None and conn.handler is self:
+            conn.resumeProducing()
+
+    def _send_head(self, response: Response, reader: BodyReader | None) -> None:
         self._response_started = True
         framing: list[tuple[bytes, bytes]] = []
         has_body = reader is not None
         self._chunk_out = self._close_delimited_out = False
-        if has_body and (reader.chunked or reader.ends_at_eof):
+        # A filter that changed the body's length removed Content-Length:
+        # then the body is framed here, as for a chunked origin response.
+        if has_body and (reader.chunked or reader.ends_at_eof or b"content-length" not in response.headers):
             if self.exchange.request.version == b"1.1":
                 self._chunk_out = True
                 framing.append((b"Transfer-Encoding", b"chunked"))
@@ -401,11 +522,22 @@ class ProxyServer(Protocol):
         elif self.exchange.request.version == b"1.0":
             framing.append((b"Connection", b"keep-alive"))
         self.transport.write(response_head_for_client(response, self.factory.via, framing))
-        self._response_body = has_body
-        if has_body:
-            self.transport.registerProducer(self._upstream, True)
+        if has_body and self._upstream is not None:
+            self._producer = self._upstream
+            self.transport.registerProducer(self._producer, True)
 
     def response_data(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
+        for _, name, hook in self._chain.body_hooks:
+            try:
+                data = hook(self.exchange, data)
+            except Exception:
+                self._filter_failed(name, Failure())
+                return
+            if not data:
+                return
         self.exchange.bytes_sent += len(data)
         if self._chunk_out:
             self.transport.writeSequence(encode_chunk(data))
@@ -413,14 +545,18 @@ class ProxyServer(Protocol):
             self.transport.write(data)
 
     def response_complete(self, trailers: Headers | None) -> None:
+        if self._held is not None:
+            # The connection goes back to the pool now; the end waits.
+            self._upstream = None
+            self._held.append((trailers,))
+            return
         if self._chunk_out:
             if trailers is not None and len(trailers):
                 trailers.discard(HOP_BY_HOP)
                 self.transport.write(b"0\r\n" + trailers.encode() + b"\r\n")
             else:
                 self.transport.write(LAST_CHUNK)
-        if self._response_body:
-            self.transport.unregisterProducer()
+        self._unregister_producer()
         self._upstream = None
         if self._state == _BODY:
             # The origin answered before the whole request body came; where
@@ -436,10 +572,9 @@ class ProxyServer(Protocol):
             # incomplete, so deliver what was relayed, then close; a
             # close-delimited body would look complete, so reset instead.
             self.exchange.error = error.error_type
-            if self._response_body:
-                self.transport.unregisterProducer()
+            self._unregister_producer()
             self._state = _CLOSED
-            self._log_exchange()
+            self._finish_exchange()
             self.exchange = None
             if self._close_delimited_out:
                 self.transport.abortConnection()
@@ -459,23 +594,50 @@ class ProxyServer(Protocol):
 
     # -- responses made here ------------------------------------------------
 
-    def _respond_error(self, error: ProxyError) -> None:
+    def _respond_error(self, error: ProxyError, filtered: bool = False) -> None:
         exchange = self.exchange
         exchange.error = error.error_type
         request = exchange.request
         accept = request.headers.get(b"accept") if request is not None else None
-        response, body = error_response(error, accept, self.factory.via)
-        if request is not None and request.method == b"HEAD":
-            body = b""
-        self._respond_local(response, body)
+        response = error_response(error, accept, self.factory.via)
+        self._respond_local(response, response.body, filtered)
 
-    def _respond_local(self, response: Response, body: bytes) -> None:
-        """Send a whole response made by the proxy and end the exchange."""
+    def _respond_local(self, response: Response, body: bytes, filtered: bool = False) -> None:
+        """
+        Send a whole response made by the proxy or a filter, and end the
+        exchange.  Filters whose request hook ran see it first, unless
+        *filtered* (it comes from them already).
+        """
         exchange = self.exchange
         exchange.response = response
         if self._state == _BODY:
             # The rest of the request body will not be read.
             self._keep_alive = False
+        hooks = () if filtered or not self._chain.response_hooks else self._chain.response_hooks_for(exchange)
+        if hooks:
+            self._phase_pending = True
+            run_hooks(hooks, exchange, lambda replacement: self._local_phase_done(replacement, body),
+                      self._filter_failed)
+            if self._phase_pending:
+                self._pause(_PAUSE_FILTERS)
+            return
+        self._write_local(response, body)
+
+    def _local_phase_done(self, replacement: Response | None, body: bytes) -> None:
+        self._phase_pending = False
+        if self._state == _CLOSED:
+            return
+        self._resume(_PAUSE_FILTERS)
+        if replacement is not None:
+            self.exchange.response = replacement
+            body = b"" if replacement.body is None else replacement.body
+        self._write_local(self.exchange.response, body)
+
+    def _write_local(self, response: Response, body: bytes) -> None:
+        exchange = self.exchange
+        request = exchange.request
+        if request is not None and request.method == b"HEAD":
+            body = b""
         framing = [] if self._keep_alive else [(b"Connection", b"close")]
         self.transport.write(response_head_for_client(response, None, framing) + body)
         exchange.bytes_sent = len(body)
@@ -484,7 +646,7 @@ class ProxyServer(Protocol):
     # -- end of an exchange -------------------------------------------------
 
     def _end_exchange(self) -> None:
-        self._log_exchange()
+        self._finish_exchange()
         self.exchange = None
         self._response_started = False
         if self._state == _CLOSED:
@@ -524,10 +686,20 @@ class ProxyServer(Protocol):
         self._resume(_PAUSE_UPSTREAM | _PAUSE_PIPELINE | _PAUSE_CONNECTING)
         self.transport.loseWriteConnection()
 
-    def _log_exchange(self) -> None:
+    def _finish_exchange(self) -> None:
+        """The exchange is over: tell the filters, write the access log."""
         exchange = self.exchange
-        if exchange is not None:
-            self.factory.log_exchange(exchange)
+        if exchange is None:
+            return
+        exchange.ended = self._reactor.seconds()
+        if self._chain.done_hooks:
+            self._chain.exchange_done(exchange)
+        self.factory.log_exchange(exchange)
+
+    def _unregister_producer(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()
 
     # -- CONNECT ----------------------------------------------------------
 
@@ -554,6 +726,7 @@ class ProxyServer(Protocol):
             self._respond_error(self._loop_error())
             return
         exchange = self.exchange
+        exchange.upstream_address = upstream.transport.getPeer().host
         exchange.response = Response(200, b"Connection established", Headers())
         self.transport.write(_CONNECTION_ESTABLISHED)
         self._state = _TUNNEL
@@ -568,8 +741,8 @@ class ProxyServer(Protocol):
         exchange = self.exchange
         if exchange is not None:
             exchange.bytes_sent = tunnel.bytes_down
-            exchange.notes["bytes_received"] = tunnel.bytes_up
-            self._log_exchange()
+            exchange.bytes_received = tunnel.bytes_up
+            self._finish_exchange()
             self.exchange = None
 
     # -- timers, flow control, shutdown -------------------------------------
@@ -592,7 +765,7 @@ class ProxyServer(Protocol):
     def _header_timeout(self) -> None:
         """RFC 9110 §15.5.9: the head did not arrive in time."""
         self._timer = None
-        self.exchange = Exchange(self._client, None, self._reactor.seconds())
+        self._new_exchange()
         self._buf.clear()
         self._keep_alive = False
         self._respond_error(ProxyError(408, "http_request_error", "The request head did not arrive in time"))
@@ -646,16 +819,21 @@ class ProxyFactory(Factory):
 
     noisy = False
 
-    def __init__(self, config: Config | None = None, reactor=None) -> None:
+    def __init__(self, config: Config | None = None, reactor=None, chain: Chain | None = None) -> None:
         """
         :param config: the configuration; ``None`` for the safe default.
         :param reactor: the reactor; ``None`` for the global one (tests pass
             their own).
+        :param chain: the filter chain, if already built from *config*;
+            else it is built here.
+        :raises proxyframe.config.ConfigError: a configured filter is not
+            found or refuses its options.
         """
         if reactor is None:
             from twisted.internet import reactor
         self.config = config if config is not None else Config()
         self.reactor = reactor
+        self.chain = chain if chain is not None else build_chain(self.config, reactor)
         self.via = self.config.via.encode("ascii")
         self.pool = UpstreamPool(reactor, self.config)
         self.connections: set[ProxyServer] = set()

@@ -79,6 +79,7 @@ class UpstreamConnection(Protocol):
         one (a failure before any response byte may then be retried).
     :ivar got_response_bytes: whether the current exchange saw any byte
         from the origin.
+    :ivar peer_host: the address connected to (``str``).
     """
 
     def __init__(self, pool: UpstreamPool, key: OriginKey) -> None:
@@ -196,6 +197,7 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
+        self.peer_host = self.transport.getPeer().host
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state

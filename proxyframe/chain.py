@@ -1,0 +1,213 @@
+"""
+The filter chain: finding the plugins, building the configured filters
+once, and running their hooks for each exchange.
+
+Hooks run in a plain loop; only a hook that returns a ``Deferred`` (or a
+coroutine) makes the loop wait, so an all-synchronous chain costs no
+Deferred.  Which filters implement which hook is worked out once, when the
+chain is built: a filter that implements no hook costs nothing per request.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from proxyframe import plugins as plugin_package
+from proxyframe.config import Config, ConfigError
+from proxyframe.exchange import Exchange, Response
+from proxyframe.filters import HOOKS, Filter, FilterContext
+from proxyframe.interfaces import IFilter, IFilterFactory
+
+__all__ = ["Chain", "build_chain", "find_filter_factories"]
+
+_log = Logger()
+
+#: (position in the config, filter name, bound hook)
+Hook = tuple[int, str, Callable]
+
+
+def _add_plugin_paths(config: Config) -> None:
+    base = Path(config.source).parent if config.source else Path.cwd()
+    for entry in config.plugin_paths:
+        path = str((base / entry).resolve())
+        if not os.path.isdir(path):
+            raise ConfigError(f"{config.source or 'config'}: plugin_paths: {entry!r} is not a directory")
+        if path not in plugin_package.__path__:
+            plugin_package.__path__.append(path)
+
+
+def find_filter_factories(config: Config) -> dict[str, IFilterFactory]:
+    """
+    Find every filter plugin: first-party, installed third-party, and the
+    ``.py`` files in the config's ``plugin_paths``.  A module that fails to
+    import is logged by ``getPlugins`` with its name and error and does not
+    hide the others.
+
+    :returns: ``{name: factory}``.
+    :raises ConfigError: a ``plugin_paths`` entry is not a directory, or two
+        plugins share a name.
+    """
+    _add_plugin_paths(config)
+    found: dict[str, IFilterFactory] = {}
+    for factory in getPlugins(IFilterFactory, plugin_package):
+        name = factory.name
+        if name in found and found[name] is not factory:
+            raise ConfigError(f"two filter plugins are named {name!r}: "
+                              f"{plugin_origin(found[name])} and {plugin_origin(factory)}")
+        found[name] = factory
+    return found
+
+
+def plugin_origin(factory: object) -> str:
+    """:returns: the file a plugin object was defined in (for messages)."""
+    module = sys.modules.get(type(factory).__module__)
+    return getattr(module, "__file__", None) or type(factory).__module__
+
+
+def build_chain(config: Config, reactor) -> Chain:
+    """
+    Build the configured filters, in order.
+
+    :raises ConfigError: a filter named in the config was not found (the
+        message lists the ones that were), or its ``build`` refused its
+        options; the message starts with the filter's name and position.
+    """
+    if not config.filters:
+        return Chain([])
+    factories = find_filter_factories(config)
+    base = Path(config.source).parent if config.source else Path.cwd()
+    where = f"{config.source}: " if config.source else ""
+    built = []
+    for position, entry in enumerate(config.filters):
+        factory = factories.get(entry.use)
+        if factory is None:
+            raise ConfigError(f"{where}filter[{position}]: no filter plugin named {entry.use!r} "
+                              f"(found: {', '.join(sorted(factories)) or 'none'})")
+        context = FilterContext(reactor, config, base, position)
+        try:
+            filter_ = factory.build(dict(entry.options), context)
+        except ConfigError as e:
+            raise ConfigError(f"{where}filter[{position}] ({entry.use}): {e}") from None
+        verifyObject(IFilter, filter_)
+        built.append((entry.use, filter_))
+    return Chain(built)
+
+
+def _implemented(filter_: object, hook: str) -> bool:
+    # A Filter subclass implements what it overrides; any other IFilter
+    # provider implements everything.
+    if isinstance(filter_, Filter):
+        return getattr(type(filter_), hook) is not getattr(Filter, hook)
+    return True
+
+
+class Chain:
+    """
+    The built filters and, per hook, the ones that implement it.
+
+    :ivar names: the filter names in config order.
+    :ivar request_hooks: ``request_received`` hooks, config order.
+    :ivar connect_hooks: ``connect_requested`` hooks, config order.
+    :ivar response_hooks: ``response_received`` hooks, reverse order.
+    :ivar body_hooks: ``response_body`` hooks, reverse order.
+    :ivar done_hooks: ``exchange_done`` hooks, reverse order.
+    """
+
+    def __init__(self, filters: Sequence[tuple[str, object]]) -> None:
+        self.names = [name for name, _ in filters]
+        self.size = len(filters)
+        by_hook: dict[str, list[Hook]] = {hook: [] for hook in HOOKS}
+        for position, (name, filter_) in enumerate(filters):
+            for hook in HOOKS:
+                if _implemented(filter_, hook):
+                    by_hook[hook].append((position, name, getattr(filter_, hook)))
+        self.request_hooks = tuple(by_hook["request_received"])
+        self.connect_hooks = tuple(by_hook["connect_requested"])
+        self.response_hooks = tuple(reversed(by_hook["response_received"]))
+        self.body_hooks = tuple(reversed(by_hook["response_body"]))
+        self.done_hooks = tuple(reversed(by_hook["exchange_done"]))
+
+    def response_hooks_for(self, exchange: Exchange) -> Sequence[Hook]:
+        """The response hooks of the filters the request phase reached."""
+        if exchange.passed >= self.size:
+            return self.response_hooks
+        return tuple(h for h in self.response_hooks if h[0] < exchange.passed)
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        """Call every ``exchange_done`` hook; a failure is only logged."""
+        for _, name, hook in self.done_hooks:
+            try:
+                hook(exchange)
+            except Exception:
+                _log.failure("filter {filter} failed in exchange_done", filter=name)
+
+
+Done = Callable[[Response | None], object]
+Failed = Callable[[str, Failure], object]
+
+
+def run_hooks(hooks: Sequence[Hook], exchange: Exchange, done: Done, failed: Failed,
+              start: int = 0, request_phase: bool = False) -> None:
+    """
+    Run *hooks* in order until one answers with a :class:`Response`.
+
+    Synchronous hooks are called in a loop; a ``Deferred`` or coroutine
+    result suspends the loop until it fires.  Finally ``done(response)``
+    is called (``None`` when no hook answered), or ``failed(name,
+    failure)`` when a hook raised or returned something else.
+
+    :param request_phase: when a hook answers, record in
+        ``exchange.passed`` that the phase reached only its filter (the
+        caller sets it to the chain's size before the phase).
+    """
+    for pos in range(start, len(hooks)):
+        position, name, hook = hooks[pos]
+        try:
+            result = hook(exchange)
+        except Exception:
+            failed(name, Failure())
+            return
+        if result is None:
+            continue
+        if inspect.iscoroutine(result):
+            result = Deferred.fromCoroutine(result)
+        if isinstance(result, Deferred):
+            result.addCallbacks(_resume, _failed, callbackArgs=(hooks, exchange, done, failed, pos, request_phase),
+                                errbackArgs=(name, failed))
+            return
+        _answered(result, hooks, exchange, done, failed, pos, request_phase)
+        return
+    done(None)
+
+
+def _answered(result: object, hooks, exchange: Exchange, done: Done, failed: Failed, pos: int,
+              request_phase: bool) -> None:
+    position, name, _ = hooks[pos]
+    if not isinstance(result, Response):
+        failed(name, Failure(TypeError(f"filter {name} returned {result!r}, not None or a Response")))
+        return
+    if request_phase:
+        exchange.passed = position + 1
+    done(result)
+
+
+def _resume(result: object, hooks, exchange: Exchange, done: Done, failed: Failed, pos: int,
+            request_phase: bool) -> None:
+    if result is None:
+        run_hooks(hooks, exchange, done, failed, pos + 1, request_phase)
+    else:
+        _answered(result, hooks, exchange, done, failed, pos, request_phase)
+
+
+def _failed(failure: Failure, name: str, failed: Failed) -> None:
+    failed(name, failure)

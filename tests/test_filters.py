@@ -1,0 +1,366 @@
+"""
+The filter chain through a real proxy: discovery (drop-in files, an
+installed third-party distribution, a broken module), ordering (request
+phase in config order, response phase in reverse), short-circuit answers,
+asynchronous hooks, and failures confined to one exchange.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from support import REPO, ProxyProcess, twistd_command
+
+# A drop-in plugin module written by the tests: "tag" records its label on
+# the way in (request field), on the way out (response field) and at the
+# end (a line in a file); "answer" short-circuits; "slow" waits on a
+# Deferred and a coroutine; "broken-hook" raises.
+TEST_PLUGINS = '''
+import json
+from twisted.internet.task import deferLater
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+from proxyframe.config import ConfigError
+from proxyframe.exchange import Response
+from proxyframe.filters import Filter
+from proxyframe.interfaces import IFilterFactory
+
+
+class Tag(Filter):
+    def __init__(self, label, done_file):
+        self.label, self.done_file = label.encode(), done_file
+
+    def request_received(self, exchange):
+        exchange.request.headers.add(b"X-Chain", self.label)
+
+    def response_received(self, exchange):
+        exchange.response.headers.add(b"X-Chain-Response", self.label)
+
+    def exchange_done(self, exchange):
+        with open(self.done_file, "a") as f:
+            f.write(json.dumps([self.label.decode(), exchange.response.status if exchange.response else 0,
+                                exchange.passed]) + "\\n")
+
+
+class Answer(Filter):
+    def request_received(self, exchange):
+        if exchange.request.path.startswith(b"/answer"):
+            return Response.make(418, "answered by a filter\\n", [(b"X-Answered", b"yes")])
+
+
+class Slow(Filter):
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    async def request_received(self, exchange):
+        await deferLater(self.reactor, 0.2, lambda: None)
+        exchange.request.headers.add(b"X-Slow", b"request")
+
+    def response_received(self, exchange):
+        def mark():
+            exchange.response.headers.add(b"X-Slow", b"response")
+        return deferLater(self.reactor, 0.2, mark)
+
+
+class BrokenHook(Filter):
+    def request_received(self, exchange):
+        raise RuntimeError("this filter is broken")
+
+
+@implementer(IPlugin, IFilterFactory)
+class Factory:
+    def __init__(self, name, build):
+        self.name, self.description, self._build = name, f"test filter {name}", build
+
+    def build(self, options, context):
+        return self._build(options, context)
+
+
+def _tag(options, context):
+    if set(options) - {"label", "done_file"}:
+        raise ConfigError(f"unknown option {sorted(set(options) - {'label', 'done_file'})[0]!r}")
+    return Tag(options["label"], options["done_file"])
+
+
+tag = Factory("tag", _tag)
+answer = Factory("answer", lambda options, context: Answer())
+slow = Factory("slow", lambda options, context: Slow(context.reactor))
+broken_hook = Factory("broken-hook", lambda options, context: BrokenHook())
+'''
+
+
+def config(plugin_dir: Path, filters: list[dict], extra_paths: tuple[str, ...] = ()) -> str:
+    """A config text with plugin_paths and the given [[filter]] entries."""
+    paths = [str(plugin_dir), *extra_paths]
+    lines = ['listen = ["tcp:0:interface=127.0.0.1"]', f"plugin_paths = {json.dumps(paths)}"]
+    for entry in filters:
+        lines.append("[[filter]]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in entry.items())
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def plugin_dir(tmp_path):
+    directory = tmp_path / "dropins"
+    directory.mkdir()
+    (directory / "pft_testfilters.py").write_text(TEST_PLUGINS)
+    return directory
+
+
+@pytest.fixture
+def run_proxy(tmp_path):
+    started = []
+
+    def run(text: str) -> ProxyProcess:
+        proc = ProxyProcess(text, tmp_path)
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        proc.stop()
+
+
+def get(proxy, url: str):
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+    conn.request("GET", url)
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp, body
+
+
+def done_lines(path: Path) -> list[list]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_request_phase_in_order_response_phase_in_reverse(run_proxy, plugin_dir, tmp_path, origin):
+    """Filters see the request in config order and the response in reverse; each sees exchange_done once."""
+    done = tmp_path / "done.jsonl"
+    proxy = run_proxy(config(plugin_dir, [{"use": "tag", "label": x, "done_file": str(done)} for x in "abc"]))
+    resp, body = get(proxy, origin.url("/"))
+    assert (resp.status, body) == (200, b"hello")
+    (seen,) = origin.requests
+    assert [v for n, v in seen.headers if n == "X-Chain"] == ["a", "b", "c"]
+    assert resp.headers.get_all("X-Chain-Response") == ["c", "b", "a"]
+    proxy.stop()
+    assert [line[0] for line in done_lines(done)] == ["c", "b", "a"]
+
+
+def test_short_circuit_skips_later_filters_and_the_origin(run_proxy, plugin_dir, tmp_path, origin):
+    """
+    A Response returned in the request phase answers at once: the origin and
+    later filters are skipped; earlier filters still see the response and
+    exchange_done, and so (exchange_done only) do the later ones.
+    """
+    done = tmp_path / "done.jsonl"
+    proxy = run_proxy(config(plugin_dir, [
+        {"use": "tag", "label": "before", "done_file": str(done)},
+        {"use": "answer"},
+        {"use": "tag", "label": "after", "done_file": str(done)},
+    ]))
+    resp, body = get(proxy, origin.url("/answer"))
+    assert resp.status == 418
+    assert body == b"answered by a filter\n"
+    assert resp.getheader("X-Answered") == "yes"
+    assert resp.headers.get_all("X-Chain-Response") == ["before"]
+    assert origin.requests == []
+    # Not short-circuited: the same chain forwards other paths.
+    resp, _ = get(proxy, origin.url("/other"))
+    assert resp.status == 200 and len(origin.requests) == 1
+    proxy.stop()
+    lines = done_lines(done)
+    assert lines[:2] == [["after", 418, 2], ["before", 418, 2]]
+    assert lines[2:] == [["after", 200, 3], ["before", 200, 3]]
+
+
+def test_async_hooks_are_awaited(run_proxy, plugin_dir, origin):
+    """An async def request hook and a Deferred response hook are waited for, in order."""
+    proxy = run_proxy(config(plugin_dir, [{"use": "slow"}]))
+    resp, body = get(proxy, origin.url("/bytes/70000?seed=2"))
+    assert resp.status == 200
+    assert len(body) == 70000
+    assert resp.getheader("X-Slow") == "response"
+    (seen,) = origin.requests
+    assert seen.header("X-Slow") == "request"
+
+
+def test_failing_hook_fails_only_that_exchange(run_proxy, plugin_dir, origin):
+    """A hook that raises gives 500 proxy_internal_error naming the filter; the proxy keeps serving."""
+    proxy = run_proxy(config(plugin_dir, [{"use": "broken-hook"}]))
+    resp, body = get(proxy, origin.url("/"))
+    assert resp.status == 500
+    assert "error=proxy_internal_error" in resp.getheader("Proxy-Status")
+    assert b"broken-hook" in body
+    assert origin.requests == []
+    resp, _ = get(proxy, origin.url("/"))
+    assert resp.status == 500
+    proxy.wait_for_line(r"filter broken-hook failed")
+    proxy.wait_for_line(r"RuntimeError: this filter is broken")
+
+
+def test_drop_in_contrib_filter_from_the_repository(run_proxy, origin):
+    """plugins/pf_header_rewrite.py, found through plugin_paths, edits both directions."""
+    text = config(REPO / "plugins", [{
+        "use": "header-rewrite",
+        "request_set": ["X-Forwarded-Proto: http"],
+        "request_remove": ["Cookie"],
+        "response_add": ["X-Served-Via: proxyframe"],
+        "response_remove": ["Content-Type"],
+    }])
+    proxy = run_proxy(text)
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+    conn.request("GET", origin.url("/"), headers={"Cookie": "secret=1"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.getheader("X-Served-Via") == "proxyframe"
+    assert resp.getheader("Content-Type") is None
+    (seen,) = origin.requests
+    assert seen.header("X-Forwarded-Proto") == "http"
+    assert seen.header("Cookie") is None
+
+
+def start_failure(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return subprocess.run(twistd_command() + ["-n", "--pidfile=", "proxyframe", "--config", str(path)],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_unknown_filter_stops_the_start(tmp_path, plugin_dir):
+    """A filter the config names but no plugin provides: exit 1, the name and the known filters, no traceback."""
+    out = start_failure(tmp_path, config(plugin_dir, [{"use": "no-such-filter"}]))
+    output = out.stdout + out.stderr
+    assert out.returncode == 1, output
+    assert "filter[0]: no filter plugin named 'no-such-filter'" in output
+    assert "tag" in output and "answer" in output
+    assert "Traceback" not in output
+
+
+def test_bad_filter_options_stop_the_start(tmp_path, plugin_dir):
+    """Options a filter refuses: exit 1 with the filter's name, position and the option."""
+    out = start_failure(tmp_path, config(plugin_dir, [{"use": "tag", "label": "x", "done_file": "f", "colour": 1}]))
+    output = out.stdout + out.stderr
+    assert out.returncode == 1, output
+    assert "filter[0] (tag): unknown option 'colour'" in output
+    assert "Traceback" not in output
+
+
+def list_filters(tmp_path: Path, text: str, pythonpath: str = str(REPO)) -> str:
+    path = tmp_path / "list.toml"
+    path.write_text(text)
+    out = subprocess.run(twistd_command() + ["proxyframe", "--config", str(path), "--list-filters"],
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=pythonpath),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def test_broken_plugin_module_is_reported_and_does_not_hide_others(tmp_path, plugin_dir):
+    """A drop-in module that fails to import is logged by name; the other plugins are still found."""
+    (plugin_dir / "pft_broken.py").write_text("import no_such_module_for_proxyframe\n")
+    output = list_filters(tmp_path, config(plugin_dir, []))
+    assert "pft_broken" in output
+    assert "ModuleNotFoundError: No module named 'no_such_module_for_proxyframe'" in output
+    assert "tag" in output and "answer" in output
+    assert str(plugin_dir / "pft_testfilters.py") in output
+
+
+def test_list_filters_names_each_plugin_and_its_file(tmp_path):
+    """--list-filters shows the contrib drop-in with the file it came from."""
+    output = list_filters(tmp_path, config(REPO / "plugins", []))
+    assert "header-rewrite" in output
+    assert str(REPO / "plugins" / "pf_header_rewrite.py") in output
+
+
+THIRD_PARTY_MODULE = '''
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+from proxyframe.filters import Filter
+from proxyframe.interfaces import IFilterFactory
+
+
+class Stamp(Filter):
+    def request_received(self, exchange):
+        exchange.request.headers.add(b"X-Third-Party", b"installed")
+
+
+@implementer(IPlugin, IFilterFactory)
+class StampFactory:
+    name = "third-party-stamp"
+    description = "Stamps requests (an installed third-party distribution)"
+
+    def build(self, options, context):
+        return Stamp()
+
+
+stamp = StampFactory()
+'''
+
+
+@pytest.mark.slow
+def test_installed_third_party_distribution_is_found(tmp_path, run_proxy, origin):
+    """
+    A separately built and installed distribution that ships a module in
+    proxyframe/plugins/ (a namespace portion, no __init__.py) is found with
+    no change to proxyframe.
+    """
+    src = tmp_path / "src"
+    (src / "proxyframe" / "plugins").mkdir(parents=True)
+    (src / "proxyframe" / "plugins" / "pfx_stamp.py").write_text(THIRD_PARTY_MODULE)
+    (src / "pyproject.toml").write_text(textwrap.dedent('''
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "proxyframe-stamp"
+        version = "1.0"
+        [tool.setuptools]
+        packages = ["proxyframe.plugins"]
+    '''))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("*.whl")
+    assert "proxyframe/plugins/pfx_stamp.py" in zipfile.ZipFile(wheel).namelist()
+    assert "proxyframe/plugins/__init__.py" not in zipfile.ZipFile(wheel).namelist()
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    text = 'listen = ["tcp:0:interface=127.0.0.1"]\n[[filter]]\nuse = "third-party-stamp"\n'
+    pythonpath = f"{REPO}{os.pathsep}{site}"
+    output = list_filters(tmp_path, text, pythonpath)
+    assert str(site / "proxyframe" / "plugins" / "pfx_stamp.py") in output
+    proxy = ProxyProcess(text, tmp_path, pythonpath=pythonpath)
+    try:
+        resp, _ = get(proxy, origin.url("/"))
+    finally:
+        proxy.stop()
+    assert resp.status == 200
+    (seen,) = origin.requests
+    assert seen.header("X-Third-Party") == "installed"
+
+
+def test_plugin_guide_example_works(run_proxy, origin):
+    """The complete filter in docs/plugins.rst refuses DELETE and lets GET through."""
+    proxy = run_proxy(config(REPO / "docs" / "examples" / "plugins", [{"use": "no-delete"}]))
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+    conn.request("DELETE", origin.url("/thing"))
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (405, b"DELETE is not allowed through this proxy\n")
+    conn.request("GET", origin.url("/thing"))
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (200, b"hello")
+    conn.close()
+    assert [r.method for r in origin.requests] == ["GET"]
