@@ -23,6 +23,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FilterEntry",
+    "DEFAULT_FILTERS",
     "Limits",
     "Timeouts",
     "UpstreamSettings",
@@ -117,6 +118,19 @@ class FilterEntry:
     options: dict = field(default_factory=dict)
 
 
+#: The chain when the config names no filter: the ``acl`` filter serving
+#: loopback clients only (so that listening on a public address does not
+#: make an open proxy by accident), then the ``accesslog`` filter writing
+#: Squid-format lines to standard output.  A config with ``[[filter]]``
+#: entries replaces it; ``filter = []`` means no filter at all.
+DEFAULT_FILTERS = (
+    FilterEntry("acl", {"default": "deny", "rules": [
+        {"action": "allow", "clients": ["127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104"]},
+    ]}),
+    FilterEntry("accesslog", {}),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """
@@ -128,22 +142,21 @@ class Config:
     :ivar connect_ports: destination ports a CONNECT tunnel may be opened
         to; any other port gets 403 (RFC 9110 §9.3.6 advises limiting them).
     :ivar via: the pseudonym this proxy adds to ``Via`` (RFC 9110 §7.6.3).
-    :ivar access_log: log one line per exchange (client, method, target,
-        status, bytes, duration) through :mod:`twisted.logger`.
     :ivar plugin_paths: directories whose ``.py`` files are searched for
         filter plugins, besides installed ones (relative to the config
         file's directory).
     :ivar filters: the ``[[filter]]`` entries, in order: the request phase
-        runs them in this order, the response phase in reverse.
+        runs them in this order, the response phase in reverse.  Without
+        any in the file, :data:`DEFAULT_FILTERS`: only loopback clients
+        are served, and each exchange is logged to standard output.
     :ivar source: the file this was read from, or ``None`` for defaults.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     connect_ports: tuple[int, ...] = (443,)
     via: str = "proxyframe"
-    access_log: bool = True
     plugin_paths: tuple[str, ...] = ()
-    filters: tuple[FilterEntry, ...] = ()
+    filters: tuple[FilterEntry, ...] = DEFAULT_FILTERS
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)

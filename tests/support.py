@@ -305,6 +305,9 @@ def make_tls_context(tmp: Path) -> tuple[ssl.SSLContext, Path]:
 # -- the proxy process --------------------------------------------------------
 
 _LISTENING = re.compile(r"proxyframe listening on (\S+):(\d+)")
+# time.millis, elapsed ms, client, code/status: the accesslog filter's
+# default (Squid native) format.
+_SQUID_LINE = re.compile(r"\d+\.\d{3} +\d+ \S+ [A-Z_]+/\d{3} ")
 
 
 def twistd_command() -> list[str]:
@@ -366,7 +369,8 @@ class ProxyProcess:
         raise RuntimeError("no VmRSS")
 
     def access_lines(self) -> list[str]:
-        return [line for line in self.lines if "[proxyframe.access#info]" in line]
+        """The default access log's lines (Squid's native format, on stdout)."""
+        return [line for line in self.lines if _SQUID_LINE.match(line)]
 
     def wait_for_line(self, pattern: str, timeout: float = 10.0) -> str:
         regex = re.compile(pattern)
@@ -404,7 +408,7 @@ def proxy_config(**sections) -> str:
     A TOML config listening on 127.0.0.1 port 0; keyword arguments add
     top-level keys (``connect_ports=[443]``) or tables (``timeouts={...}``).
     """
-    sections = {"listen": ["tcp:0:interface=127.0.0.1"], "access_log": True, **sections}
+    sections = {"listen": ["tcp:0:interface=127.0.0.1"], **sections}
     lines = []
     tables = []
     for key, value in sections.items():
@@ -423,6 +427,9 @@ def _toml(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        # An inline table: filter=[{"use": "acl", ...}] is [[filter]].
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 

@@ -39,7 +39,7 @@ JSON_KEYS = {"time", "client", "user", "method", "target", "status", "bytes_sent
 
 def config_text(*filters: dict, **top) -> str:
     """A config listening on 127.0.0.1:0 with one ``accesslog`` entry per dict of options."""
-    top = {"listen": ["tcp:0:interface=127.0.0.1"], "access_log": False, **top}
+    top = {"listen": ["tcp:0:interface=127.0.0.1"], **top}
     lines = [f"{key} = {json.dumps(value)}" for key, value in top.items()]
     for options in filters:
         lines += ["[[filter]]", 'use = "accesslog"'] + [f"{k} = {json.dumps(v)}" for k, v in options.items()]

@@ -16,7 +16,7 @@ import tomllib
 import pytest
 
 from proxyframe import Config, ConfigError, load_config
-from proxyframe.config import DEFAULT_LISTEN, Limits, Timeouts, UpstreamSettings
+from proxyframe.config import DEFAULT_LISTEN, FilterEntry, Limits, Timeouts, UpstreamSettings
 from support import REPO, twistd_command
 
 DOCS = REPO / "docs"
@@ -49,12 +49,20 @@ def documented_keys() -> dict[str, object]:
 
 
 def test_defaults_are_safe():
-    """No file: listen on 127.0.0.1:8080 only, CONNECT to 443 only, and the documented timeouts and limits."""
+    """
+    No file: listen on 127.0.0.1:8080 only, CONNECT to 443 only, serve
+    loopback clients only (the acl filter, default deny), log to stdout,
+    and the documented timeouts and limits.
+    """
     config = load_config(None)
     assert config == Config()
     assert config.listen == ("tcp:8080:interface=127.0.0.1",) == (DEFAULT_LISTEN,)
     assert config.connect_ports == (443,)
-    assert (config.via, config.access_log, config.source) == ("proxyframe", True, None)
+    assert (config.via, config.source) == ("proxyframe", None)
+    assert [entry.use for entry in config.filters] == ["acl", "accesslog"]
+    acl = config.filters[0].options
+    assert acl == {"default": "deny", "rules": [
+        {"action": "allow", "clients": ["127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104"]}]}
     assert config.timeouts == Timeouts(connect=10.0, response=60.0, header=10.0, client_idle=60.0,
                                        upstream_idle=30.0, shutdown_grace=10.0)
     assert config.limits == Limits(max_request_line=8192, max_header_bytes=65536, max_header_fields=100)
@@ -67,7 +75,7 @@ def test_full_file_gives_typed_values(tmp_path):
         listen = ["tcp:3128:interface=127.0.0.1", "tcp6:3128:interface=\\\\:\\\\:1"]
         connect_ports = [443, 8443]
         via = "edge-1.example"
-        access_log = false
+        filter = []
 
         [timeouts]
         connect = 5
@@ -89,7 +97,7 @@ def test_full_file_gives_typed_values(tmp_path):
     config = load_config(path)
     assert config == Config(
         listen=("tcp:3128:interface=127.0.0.1", "tcp6:3128:interface=\\:\\:1"),
-        connect_ports=(443, 8443), via="edge-1.example", access_log=False,
+        connect_ports=(443, 8443), via="edge-1.example", filters=(),
         timeouts=Timeouts(5.0, 2.5, 3.0, 120.0, 7.5, 1.0),
         limits=Limits(4096, 32768, 50), upstream=UpstreamSettings(4, 16), source=path)
     assert all(type(getattr(config.timeouts, f.name)) is float for f in dataclasses.fields(Timeouts))
@@ -114,11 +122,10 @@ def test_replace_changes_only_given_fields():
 
 
 @pytest.mark.parametrize("text, key, expected", [
-    ('colour = "red"\n', "colour", "unknown key 'colour' (expected one of: access_log, connect_ports"),
+    ('colour = "red"\n', "colour", "unknown key 'colour' (expected one of: connect_ports, filter"),
     ('source = "x.toml"\n', "source", "unknown key 'source'"),
     ("timeouts = 5\n", "timeouts", "[timeouts] must be a table"),
     ("via = 3\n", "via", "via must be a string, not 3"),
-    ('access_log = "yes"\n', "access_log", "access_log must be true or false, not 'yes'"),
     ('[timeouts]\nconnect = "5"\n', "timeouts.connect", "timeouts.connect must be a number, not '5'"),
     ("[timeouts]\nconnect = true\n", "timeouts.connect", "timeouts.connect must be a number, not True"),
     ("[limits]\nmax_header_fields = 1.5\n", "limits.max_header_fields", "must be an integer, not 1.5"),
@@ -199,7 +206,18 @@ def test_twistd_reports_bad_config_without_traceback(tmp_path):
 
 
 def as_toml_value(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, tuple):
+        return [as_toml_value(v) for v in value]
+    if isinstance(value, FilterEntry):
+        return {"use": value.use, **value.options}
+    return value
+
+
+def documented_default(key: str, value: object) -> str:
+    """How config.rst states a default: JSON, or the filter names for the chain."""
+    if key == "filter":
+        return ", ".join(entry.use for entry in value)
+    return json.dumps(as_toml_value(value))
 
 
 def test_docs_defaults_file_matches_code():
@@ -221,5 +239,5 @@ def test_docs_reference_lists_every_key_with_its_default():
     """docs/config.rst has one entry per key of the code, each stating the code's default, and no stale keys."""
     text = (DOCS / "config.rst").read_text()
     entries = dict(re.findall(r"^``([a-z_.]+)``\n +[A-Z][^\n]*?default ``([^`]+)``", text, re.M))
-    expected = {key: json.dumps(as_toml_value(v)) for key, v in documented_keys().items()}
+    expected = {key: documented_default(key, v) for key, v in documented_keys().items()}
     assert entries == expected

@@ -112,7 +112,7 @@ def test_example_relays_and_exits_on_sigterm(embedded, origin):
     assert seen.header("host") == f"127.0.0.1:{origin.port}"
     assert seen.header("via") == "1.1 proxyframe"
     assert proc.stop(signal.SIGTERM) == 0
-    assert any("[proxyframe.access#info]" in line and "/bytes/3000?seed=11 200 3000" in line
+    assert any(f" TCP_MISS/200 3000 GET {origin.url('/bytes/3000?seed=11')} " in line
                for line in proc.lines), proc.lines
     assert not any("Traceback" in line for line in proc.lines), proc.lines
 

@@ -9,6 +9,7 @@ way, and never a traceback, on the wire or in the proxy's output.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import subprocess
 import threading
@@ -186,14 +187,15 @@ def test_origin_closing_without_response_is_502(proxy, origin):
 INCOMPLETE = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789"
 
 
-def test_incomplete_response_cuts_client_connection(proxy, origin):
+def test_incomplete_response_cuts_client_connection(start_proxy, origin):
     """
     RFC 9112 §8: an origin that closes after 10 of 1000 announced bytes
     (once those 10 are at the client) leaves the proxy nothing to say but a
     cut connection: the client gets the head and the 10 bytes, then the
-    connection ends; the access log records http_response_incomplete
+    connection ends; the access log (JSON) records http_response_incomplete
     (RFC 9209 §2.3).
     """
+    proxy = start_proxy(filter=[{"use": "accesslog", "format": "json"}])
     bytes_out = threading.Event()
     scripted_origin(origin, INCOMPLETE, bytes_out, None)
     with Client(proxy.port) as client:
@@ -203,7 +205,9 @@ def test_incomplete_response_cuts_client_connection(proxy, origin):
         assert client.read_exact(10) == b"0123456789"
         bytes_out.set()
         assert client.read_to_close() == b""
-    proxy.wait_for_line(r"GET http://127\.0\.0\.1:\d+/partial 200 10 [0-9.]+ http_response_incomplete")
+    line = proxy.wait_for_line(r'"target":"http://127\.0\.0\.1:\d+/partial"')
+    record = json.loads(line)
+    assert (record["status"], record["bytes_sent"], record["error"]) == (200, 10, "http_response_incomplete")
     assert_ran_clean(proxy)
 
 

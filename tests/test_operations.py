@@ -24,7 +24,7 @@ import pytest
 from flowtools import TIMEOUT
 from support import REPO, ProxyProcess, twistd_command, wait_until
 
-ACCESS = r"\[proxyframe\.access#info\] "
+ACCESS = r"^\d+\.\d{3} +\d+ "
 LISTENING = re.compile(r"proxyframe listening on 127\.0\.0\.1:(\d+)")
 #: The environment of a ``twistd`` that uses this working tree's code.
 TREE_ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
@@ -80,29 +80,28 @@ def assert_no_traceback(output: str) -> None:
 
 def test_access_log_has_one_line_per_exchange(proxy, origin):
     """
-    Each exchange logs one ``proxyframe.access`` line: client address and
-    port, method, target, status, body bytes sent, duration in seconds, and
-    for an exchange the proxy failed, the RFC 9209 error type.
+    With no filter configured, each exchange logs one line in Squid's native
+    format on stdout: time, elapsed ms, client, result code/status, body
+    bytes, method, target, user, hierarchy and content type.
     """
     conn, resp, body = get(proxy.port, origin.url("/bytes/1234"))
-    client = "127.0.0.1:%d" % conn.sock.getsockname()[1]
     conn.request("GET", origin.url("/sleep/0.5"))
     assert conn.getresponse().read() == b"hello"
     conn.close()
     assert (resp.status, len(body)) == (200, 1234)
     with socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT) as sock:
-        denied = "127.0.0.1:%d" % sock.getsockname()[1]
         sock.sendall(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert closed_within(sock)[0].startswith(b"HTTP/1.1 403 ")
-    proxy.wait_for_line(ACCESS + re.escape(f"{client} GET {origin.url('/bytes/1234')} 200 1234 ") + r"\d+\.\d{3}$")
-    slow = proxy.wait_for_line(ACCESS + re.escape(f"{client} GET {origin.url('/sleep/0.5')} 200 5 ") + r"(\d+\.\d{3})$")
-    proxy.wait_for_line(ACCESS + re.escape(f"{denied} CONNECT 127.0.0.1:{origin.port} 403 ") + r"\d+ \d+\.\d{3} http_request_denied$")
-    assert 0.5 <= float(slow.rsplit(" ", 1)[1]) < 5
-    assert len([line for line in proxy.access_lines() if f"] {client} " in line]) == 2
+    proxy.wait_for_line(ACCESS + re.escape(f"127.0.0.1 TCP_MISS/200 1234 GET {origin.url('/bytes/1234')} - "
+                                           "HIER_DIRECT/127.0.0.1 "))
+    slow = proxy.wait_for_line(ACCESS + re.escape(f"127.0.0.1 TCP_MISS/200 5 GET {origin.url('/sleep/0.5')} "))
+    proxy.wait_for_line(ACCESS + r"127\.0\.0\.1 TCP_DENIED/403 \d+ " + re.escape(f"CONNECT 127.0.0.1:{origin.port} - HIER_NONE/- "))
+    assert 500 <= int(slow.split()[1]) < 5000
+    assert len(proxy.access_lines()) == 3
 
 
 def test_access_log_goes_to_stdout_by_default(origin, tmp_path):
-    """With no ``access_log`` key, access lines are written, and to stdout (``twistd -n`` logging)."""
+    """With no [[filter]] in the config, access lines are written to stdout, not stderr."""
     config = tmp_path / "minimal.toml"
     config.write_text('listen = ["tcp:0:interface=127.0.0.1"]\n')
     proc = subprocess.Popen(twistd_command() + ["-n", "--pidfile=", "proxyframe", "--config", str(config)],
@@ -114,8 +113,8 @@ def test_access_log_goes_to_stdout_by_default(origin, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=TIMEOUT)
-    assert re.search(re.escape(f" GET {origin.url('/')} 200 5 "), line)
-    assert "proxyframe.access" not in err
+    assert re.search(re.escape(f" TCP_MISS/200 5 GET {origin.url('/')} "), line)
+    assert "TCP_MISS" not in err
 
 
 def _read_until(stream, pattern: re.Pattern) -> str:
@@ -135,9 +134,9 @@ def _read_until(stream, pattern: re.Pattern) -> str:
     return found[0]
 
 
-def test_access_log_false_writes_no_line(origin, start_proxy):
-    """``access_log = false``: exchanges are relayed and no access line is written."""
-    proxy = start_proxy(access_log=False)
+def test_chain_without_accesslog_writes_no_line(origin, start_proxy):
+    """``filter = []`` (no filter at all): exchanges are relayed and no access line is written."""
+    proxy = start_proxy(filter=[])
     conn, resp, _ = get(proxy.port, origin.url("/"))
     conn.close()
     proxy.stop()  # all output is in once the process has exited

@@ -44,7 +44,6 @@ from proxyframe.protocol.upstream import UpstreamConnection, UpstreamPool, conne
 
 __all__ = ["ProxyFactory", "ProxyServer", "PIPELINE_BUFFER"]
 
-_access_log = Logger(namespace="proxyframe.access")
 _log = Logger()
 
 #: Bytes of pipelined requests held while a response is in progress before
@@ -687,14 +686,13 @@ class ProxyServer(Protocol):
         self.transport.loseWriteConnection()
 
     def _finish_exchange(self) -> None:
-        """The exchange is over: tell the filters, write the access log."""
+        """The exchange is over: tell the filters (the access log is one)."""
         exchange = self.exchange
         if exchange is None:
             return
         exchange.ended = self._reactor.seconds()
         if self._chain.done_hooks:
             self._chain.exchange_done(exchange)
-        self.factory.log_exchange(exchange)
 
     def _unregister_producer(self) -> None:
         if self._producer is not None:
@@ -878,27 +876,6 @@ class ProxyFactory(Factory):
         if (peer_host, peer_port) in self._listening:
             return True
         return peer_port in self._listening_ports and peer_host == sock.getsockname()[0]
-
-    def log_exchange(self, exchange: Exchange) -> None:
-        """
-        One access-log line per exchange: client, method, target, status,
-        body bytes sent, duration in seconds, and the RFC 9209 error type
-        when the proxy failed it.
-        """
-        if not self.config.access_log:
-            return
-        request = exchange.request
-        response = exchange.response
-        _access_log.info(
-            "{client} {method} {target} {status} {size} {duration:.3f}{error}",
-            client=exchange.client,
-            method=request.method.decode("ascii") if request else "-",
-            target=request.target.decode("ascii", "replace") if request else "-",
-            status=response.status if response else 0,
-            size=exchange.bytes_sent,
-            duration=self.reactor.seconds() - exchange.started,
-            error=f" {exchange.error}" if exchange.error else "",
-        )
 
     def shutdown(self, grace: float) -> Deferred:
         """
