@@ -219,6 +219,12 @@ class Origin:
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
+    @property
+    def open_connections(self) -> int:
+        """Connections the origin has accepted and not yet seen closed."""
+        with self._lock:
+            return len(self._open)
+
     def url(self, path: str = "/") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}{path}"

@@ -358,14 +358,16 @@ class UpstreamPool:
             ``None``; no Deferred, as this is the common keep-alive case.
         """
         conns = self._idle.get(key)
-        if not conns:
-            return None
-        conn = conns.pop()
-        if not conns:
-            del self._idle[key]
-        self._timers.pop(conn).cancel()
-        conn.reused = True
-        return conn
+        while conns:
+            conn = conns.pop()
+            if not conns:
+                del self._idle[key]
+            self._timers.pop(conn).cancel()
+            # One closing but not yet reported lost is no use.
+            if conn.transport.connected and not conn.transport.disconnecting:
+                conn.reused = True
+                return conn
+        return None
 
     def connect(self, key: OriginKey, protocol: Protocol | None = None) -> Deferred:
         """
@@ -402,7 +404,6 @@ class UpstreamPool:
         self._timers[conn] = self.reactor.callLater(self._idle_timeout, self._expire, conn)
 
     def _expire(self, conn: UpstreamConnection) -> None:
-        self._timers.pop(conn, None)
         self.discard(conn)
         conn.transport.loseConnection()
 
