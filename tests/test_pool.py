@@ -56,3 +56,47 @@ def test_idle_connections_in_all_are_bounded_oldest_first(start_proxy, origin):
         assert other.open_connections == 1
     finally:
         other.close()
+
+
+def closes_first_connection_on_second_request(origin) -> None:
+    """The origin answers, keeps the connection, then drops it unanswered at the next request on it."""
+    served: dict[int, int] = {}
+
+    def handler(conn, req):
+        served[conn.number] = served.get(conn.number, 0) + 1
+        if conn.number == 1 and served[1] == 2:
+            return False
+        body = f"{req.method} on connection {conn.number}".encode()
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+    origin.handler = handler
+
+
+def test_reused_connection_closed_unanswered_is_retried_once_for_get(proxy, origin):
+    """
+    RFC 9112 §9.3.1: a GET sent on a reused connection that the origin
+    closed without answering is retried once on a new connection.
+    """
+    closes_first_connection_on_second_request(origin)
+    assert get(proxy, origin.url("/one")) == 200
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+    conn.request("GET", origin.url("/two"))
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (200, b"GET on connection 2")
+    conn.close()
+    assert [(r.target, r.connection) for r in origin.requests] == [("/one", 1), ("/two", 1), ("/two", 2)]
+
+
+def test_request_with_body_is_not_retried(proxy, origin):
+    """A POST with a body is never sent twice: the client gets 502 connection_terminated."""
+    closes_first_connection_on_second_request(origin)
+    assert get(proxy, origin.url("/one")) == 200
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+    conn.request("POST", origin.url("/two"), body=b"payload")
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 502
+    assert "error=connection_terminated" in resp.getheader("Proxy-Status")
+    assert [(r.method, r.connection) for r in origin.requests] == [("GET", 1), ("POST", 1)]
