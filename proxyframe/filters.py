@@ -3,28 +3,8 @@ What a filter author imports: the :class:`Filter` base class, whose hooks
 do nothing, and the :class:`FilterContext` a factory's ``build`` receives.
 The contract itself is in :mod:`proxyframe.interfaces`.
 
-A complete filter plugin, dropped into a directory named in the config's
-``plugin_paths``::
-
-    from zope.interface import implementer
-    from twisted.plugin import IPlugin
-    from proxyframe.exchange import Response
-    from proxyframe.filters import Filter
-    from proxyframe.interfaces import IFilterFactory
-
-    class NoDelete(Filter):
-        def request_received(self, exchange):
-            if exchange.request.method == b"DELETE":
-                return Response.make(405, "DELETE is not allowed here\\n")
-
-    @implementer(IPlugin, IFilterFactory)
-    class NoDeleteFactory:
-        name = "no-delete"
-        description = "Refuse DELETE requests"
-        def build(self, options, context):
-            return NoDelete()
-
-    no_delete = NoDeleteFactory()
+A complete filter plugin is ``docs/examples/plugins/pf_no_delete.py``,
+explained in ``docs/plugins.rst``.
 """
 
 from __future__ import annotations
