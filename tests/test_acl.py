@@ -11,6 +11,7 @@ import datetime
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -49,11 +50,12 @@ set_user = SetUserFactory()
 '''
 
 
-def acl_toml(*rules: dict, default: str | None = None, before: str = "", **top) -> str:
-    """A proxy config whose chain is *before* (TOML text) then one acl filter with *rules*."""
+def acl_toml(*rules: dict, default: str | None = None, before: str = "", options: dict | None = None,
+             **top) -> str:
+    """A proxy config whose chain is *before* (TOML text) then one acl filter with *options* and *rules*."""
     lines = [proxy_config(**top), before, "[[filter]]", 'use = "acl"']
-    if default is not None:
-        lines.append(f"default = {json.dumps(default)}")
+    options = {**(options or {}), **({"default": default} if default is not None else {})}
+    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
     for rule in rules:
         # JSON strings, numbers, booleans and arrays are valid TOML values.
         lines += ["[[filter.rules]]", *(f"{key} = {json.dumps(value)}" for key, value in rule.items())]
@@ -254,13 +256,27 @@ def test_connect_false_matches_plain_requests_only(start_acl, origin):
 
 # -- users, time -----------------------------------------------------------------
 
-def test_users_and_authenticated(start_acl, origin, tmp_path):
-    """users matches exchange.user as set by an earlier filter; authenticated matches any user."""
+@pytest.fixture
+def start_acl_with_users(start_acl, tmp_path):
+    """``start_acl`` with the test-set-user filter (exchange.user from X-Test-User) before the acl."""
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "pf_test_acl_user.py").write_text(USER_PLUGIN)
-    proxy = start_acl({"action": "deny", "users": ["mallory"]}, {"action": "allow", "authenticated": True},
-                      plugin_paths=["plugins"], before='[[filter]]\nuse = "test-set-user"',
-                      connect_ports=[origin.port])
+
+    def start(*rules: dict, **kwargs) -> ProxyProcess:
+        return start_acl(*rules, plugin_paths=["plugins"], before='[[filter]]\nuse = "test-set-user"', **kwargs)
+
+    return start
+
+
+def as_user(proxy: ProxyProcess, url: str, user: str | None):
+    """One GET through *proxy* as *user* (None: unauthenticated)."""
+    return fetch(proxy, url, headers={"X-Test-User": user} if user else None)
+
+
+def test_users_and_authenticated(start_acl_with_users, origin):
+    """users matches exchange.user as set by an earlier filter; authenticated matches any user."""
+    proxy = start_acl_with_users({"action": "deny", "users": ["mallory"]}, {"action": "allow", "authenticated": True},
+                                 connect_ports=[origin.port])
     assert fetch(proxy, origin.url("/alice"), headers={"X-Test-User": "alice"})[0] == 200
     assert_denied(*fetch(proxy, origin.url("/mallory"), headers={"X-Test-User": "mallory"}),
                   "rules[0] (deny users mallory)")
@@ -344,6 +360,35 @@ def poll(request, until, timeout: float = 10.0):
     return result
 
 
+def assert_rewrite_swaps(proxy: ProxyProcess, path, denied, allowed, text: str) -> None:
+    """
+    *denied()* gets 403 and *allowed()* 200; once *path* is rewritten with
+    *text*, the other way round, and the reload is logged.
+    """
+    assert denied()[0] == 403
+    assert allowed()[0] == 200
+    path.write_text(text)
+    poll(allowed, lambda result: result[0] == 403)
+    assert denied()[0] == 200
+    proxy.wait_for_line(rf"acl: reloaded .*{re.escape(path.name)}")
+
+
+def assert_broken_rewrite_ignored(proxy: ProxyProcess, path, request, text: str) -> str:
+    """
+    Rewrite *path* with *text* (a bad line): *request()* keeps its status
+    until the problem is logged.
+
+    :returns: the log line.
+    """
+    before = request()[0]
+    path.write_text(text)
+    statuses = []
+    poll(lambda: statuses.append(request()[0]),
+         lambda _: any("acl: keeping the previous entries" in line for line in proxy.lines))
+    assert set(statuses) == {before}
+    return proxy.wait_for_line("acl: keeping the previous entries")
+
+
 def test_hosts_file_is_read_and_reloaded_when_it_changes(start_acl, origin, tmp_path):
     """hosts_file entries (comments ignored) apply; rewriting the file changes the decision, with no restart."""
     blocked = tmp_path / "blocked-hosts.txt"
@@ -352,11 +397,7 @@ def test_hosts_file_is_read_and_reloaded_when_it_changes(start_acl, origin, tmp_
     via_name = lambda: fetch(proxy, f"http://localhost:{origin.port}/name")
     via_address = lambda: fetch(proxy, origin.url("/address"))
     assert_denied(*via_name(), "rules[0] (deny hosts_file blocked-hosts.txt)")
-    assert via_address()[0] == 200
-    blocked.write_text("127.0.0.1\n")
-    poll(via_address, lambda result: result[0] == 403)
-    assert via_name()[0] == 200
-    proxy.wait_for_line(r"acl: reloaded .*blocked-hosts\.txt")
+    assert_rewrite_swaps(proxy, blocked, via_name, via_address, "127.0.0.1\n")
 
 
 def test_broken_list_file_keeps_the_previous_entries(start_acl, origin, tmp_path):
@@ -365,15 +406,53 @@ def test_broken_list_file_keeps_the_previous_entries(start_acl, origin, tmp_path
     clients.write_text("10.0.0.0/8\n127.0.0.0/8\n")
     proxy = start_acl({"action": "allow", "clients_file": "clients.txt"})
     assert fetch(proxy, origin.url("/"))[0] == 200
-    clients.write_text("10.0.0.0/8\nnot-a-network\n")
-    statuses = []
-    poll(lambda: statuses.append(fetch(proxy, origin.url("/"))[0]),
-         lambda _: any("acl: keeping the previous entries" in line for line in proxy.lines))
-    assert set(statuses) == {200}
-    line = proxy.wait_for_line("acl: keeping the previous entries")
+    line = assert_broken_rewrite_ignored(proxy, clients, lambda: fetch(proxy, origin.url("/")),
+                                         "10.0.0.0/8\nnot-a-network\n")
     assert "clients.txt line 2" in line and "not-a-network" in line
     clients.write_text("10.0.0.0/8\n")
     poll(lambda: fetch(proxy, origin.url("/")), lambda result: result[0] == 403)
+
+
+# -- groups ----------------------------------------------------------------------
+
+GROUPS = """\
+# Apache AuthGroupFile format
+admins: alice bob
+
+staff: carol   # a comment
+admins:dave
+empty:
+"""
+
+
+def test_groups_match_members_of_a_listed_group(start_acl_with_users, origin, tmp_path):
+    """groups matches when exchange.user is in any listed group of group_file (lines of a group add up)."""
+    (tmp_path / "groups.txt").write_text(GROUPS)
+    proxy = start_acl_with_users({"action": "allow", "groups": ["empty", "admins"]},
+                                 options={"group_file": "groups.txt"}, connect_ports=[origin.port])
+    for user in ("alice", "bob", "dave"):
+        assert as_user(proxy, origin.url(f"/{user}"), user)[0] == 200
+    for user in ("carol", "admins", "ALICE", None):
+        assert_denied(*as_user(proxy, origin.url(f"/{user}"), user), "default")
+    assert tunnel(proxy, f"127.0.0.1:{origin.port}", {"X-Test-User": "carol"})[0] == 403
+    assert [r.target for r in origin.requests] == ["/alice", "/bob", "/dave"]
+
+
+def test_group_file_is_reloaded_and_a_broken_one_ignored(start_acl_with_users, origin, tmp_path):
+    """
+    Rewriting group_file changes membership with no restart; a rewrite with
+    a bad line is logged and the groups read before stay in force.
+    """
+    groups = tmp_path / "groups.txt"
+    groups.write_text("admins: alice\n")
+    proxy = start_acl_with_users({"action": "deny", "groups": ["admins"]}, default="allow",
+                                 options={"group_file": "groups.txt"})
+    alice, bob = (lambda user=user: as_user(proxy, origin.url(f"/{user}"), user) for user in ("alice", "bob"))
+    assert_denied(*alice(), "rules[0] (deny groups admins)")
+    assert_rewrite_swaps(proxy, groups, alice, bob, "admins: bob\n")
+    line = assert_broken_rewrite_ignored(proxy, groups, bob, "admins: alice\nadmins bob\n")
+    assert "groups.txt line 2" in line and "'admins bob'" in line
+    assert bob()[0] == 403 and alice()[0] == 200
 
 
 # -- configuration errors --------------------------------------------------------
@@ -406,10 +485,24 @@ def test_broken_list_file_keeps_the_previous_entries(start_acl, origin, tmp_path
      "rules[0].hosts_file: cannot read {tmp}/absent.txt: No such file or directory"),
     ({"rules": [{"action": "deny", "clients_file": "bad.txt"}]},
      "rules[0].clients_file ({tmp}/bad.txt line 3): 'nonsense' does not appear to be"),
+    ({"rules": [{"action": "deny"}, {"action": "allow", "groups": ["admins"]}]},
+     "rules[1].groups: needs the filter option group_file"),
+    ({"group_file": "groups.txt", "rules": [{"action": "allow", "groups": "admins"}]},
+     "rules[0].groups must be a list of strings"),
+    ({"group_file": ""}, "group_file must be a file name (a string)"),
+    ({"group_file": "absent.txt"}, "group_file: cannot read {tmp}/absent.txt: No such file or directory"),
+    ({"group_file": "bad-groups.txt"},
+     "group_file ({tmp}/bad-groups.txt line 3): 'admins alice' is not a line \"group: user1 user2 ...\""),
+    ({"group_file": "bad-groups2.txt"}, "group_file ({tmp}/bad-groups2.txt line 1): 'my admins: alice'"),
+    ({"group_file": "bad-groups3.txt"}, "group_file ({tmp}/bad-groups3.txt line 1): ': alice'"),
 ])
 def test_bad_options_name_the_rule_and_key(tmp_path, options, message):
     """build refuses every bad value with a ConfigError naming the rule index, the key and the entry."""
     (tmp_path / "bad.txt").write_text("# clients\n127.0.0.1\nnonsense\n")
+    (tmp_path / "groups.txt").write_text("admins: alice\n")
+    (tmp_path / "bad-groups.txt").write_text("# groups\nstaff: carol\nadmins alice\n")
+    (tmp_path / "bad-groups2.txt").write_text("my admins: alice\n")
+    (tmp_path / "bad-groups3.txt").write_text(": alice\n")
     with pytest.raises(ConfigError) as info:
         build(options, tmp_path)
     assert message.format(tmp=tmp_path) in str(info.value)

@@ -15,6 +15,9 @@ matches decides, and ``default`` decides when none does (Squid's
     action = "allow"
     clients = ["127.0.0.0/8", "::1/128"]
 
+Rules on ``users`` and ``groups`` (from a ``group_file`` in Apache's
+``AuthGroupFile`` format) test ``exchange.user``, set by an earlier filter.
+
 Every condition of a rule must match (AND); within one condition's list,
 any entry may (OR).  A denied request or CONNECT gets ``403`` with
 ``Proxy-Status: <via>; error=http_request_denied`` (RFC 9209 §2.3.13) and a
@@ -46,9 +49,9 @@ __all__ = ()
 
 _log = Logger()
 
-_OPTIONS = ("default", "rules")
+_OPTIONS = ("default", "group_file", "rules")
 #: A rule's conditions, in the order they are tested (cheapest first).
-_CONDITIONS = ("connect", "methods", "schemes", "ports", "authenticated", "users",
+_CONDITIONS = ("connect", "methods", "schemes", "ports", "authenticated", "users", "groups",
                "clients", "clients_file", "hosts", "hosts_file", "time", "days")
 _ACTIONS = {"allow": True, "deny": False}
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -198,12 +201,33 @@ class _Hosts:
         return any(regex.search(host) for regex in self._regexes)
 
 
+class _Groups:
+    """
+    Apache ``AuthGroupFile`` lines, ``group: user1 user2 ...``: the groups of
+    each user.  A group on several lines has the members of all of them.
+    """
+
+    def __init__(self, entries: Entries) -> None:
+        self._of: dict[str, frozenset[str]] = {}
+        for where, text in entries:
+            group, colon, members = text.partition(":")
+            group = group.strip()
+            if not colon or not group or len(group.split()) != 1:
+                raise ConfigError(f"{where}: {text!r} is not a line \"group: user1 user2 ...\"")
+            for user in members.split():
+                self._of[user] = self._of.get(user, frozenset()) | {group}
+
+    def of(self, user: str | None) -> frozenset[str]:
+        """:returns: the groups *user* is a member of (none for ``None``)."""
+        return self._of.get(user, frozenset())
+
+
 class _ListFile:
     """
-    A matcher's entries in a file: one a line, ``#`` starts a comment.  Read
-    in ``build``; afterwards, at most once per :data:`RECHECK_INTERVAL` and
-    only when a request asks, a thread looks at the file and re-reads it if
-    it changed.  A file that cannot be read or parsed any more leaves the
+    A matcher's entries (or a :class:`_Groups`'s lines) in a file: one a
+    line, ``#`` starts a comment.  Read in ``build``; afterwards, at most
+    once per :data:`RECHECK_INTERVAL` and only when a request asks, a thread
+    looks at the file and re-reads it if it changed.  A file that cannot be read or parsed any more leaves the
     previous entries in force (and is logged once per distinct problem).
     """
 
@@ -231,12 +255,16 @@ class _ListFile:
                        for number, line in enumerate(f, 1) if (entry := line.split("#", 1)[0].strip())]
         return new, self._make(entries)
 
-    def __contains__(self, value: object) -> bool:
+    def current(self):
+        """:returns: the matcher in force (first starting a look at the file, when it is time)."""
         if not self._checking and self._reactor.seconds() >= self._next_check:
             self._checking = True
             d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._load, self._stamp)
             d.addCallbacks(self._loaded, self._failed)
-        return value in self._matcher
+        return self._matcher
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.current()
 
     def _checked(self, problem: str | None) -> None:
         self._checking = False
@@ -281,16 +309,20 @@ class _Ports:
 
 # -- conditions: rule table → tests ---------------------------------------------
 
+def _list_file(path: object, make: type, context, where: str) -> _ListFile:
+    """The option *where*'s file name *path*, read into a watched :class:`_ListFile`."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where} must be a file name (a string)")
+    return _ListFile(context.path(path), make, context.reactor, where)
+
+
 def _list_test(table: dict, key: str, make: type, value_of: Callable, where: str, context) -> Test | None:
     """``key`` (inline entries) and ``key_file`` (a list file) together: either may match."""
     matchers = []
     if key in table:
         matchers.append(make(_strings(table[key], f"{where}.{key}")))
     if f"{key}_file" in table:
-        path = table[f"{key}_file"]
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"{where}.{key}_file must be a file name (a string)")
-        matchers.append(_ListFile(context.path(path), make, context.reactor, f"{where}.{key}_file"))
+        matchers.append(_list_file(table[f"{key}_file"], make, context, f"{where}.{key}_file"))
     if len(matchers) == 1:
         (matcher,) = matchers
         return lambda exchange: value_of(exchange) in matcher
@@ -344,7 +376,7 @@ def _time_test(table: dict, where: str, reactor) -> Test | None:
     return test
 
 
-def _tests(table: dict, where: str, context) -> list[Test]:
+def _tests(table: dict, where: str, context, group_file: _ListFile | None) -> list[Test]:
     """The rule's conditions as tests of an exchange, cheapest first."""
     tests: list[Test | None] = []
     if "connect" in table:
@@ -362,6 +394,11 @@ def _tests(table: dict, where: str, context) -> list[Test]:
     if "users" in table:
         users = {text for _, text in _strings(table["users"], f"{where}.users")}
         tests.append(lambda exchange: exchange.user in users)
+    if "groups" in table:
+        groups = {text for _, text in _strings(table["groups"], f"{where}.groups")}
+        if group_file is None:
+            raise ConfigError(f"{where}.groups: needs the filter option group_file (the file of groups)")
+        tests.append(lambda exchange: not groups.isdisjoint(group_file.current().of(exchange.user)))
     tests.append(_list_test(table, "clients", _Networks, lambda exchange: _client_address(exchange.client_host),
                             where, context))
     tests.append(_list_test(table, "hosts", _Hosts, lambda exchange: _target_host(exchange.request.host),
@@ -438,7 +475,7 @@ def _action(value: object, where: str) -> bool:
 @implementer(IPlugin, IFilterFactory)
 class AclFactory:
     name = "acl"
-    description = "Allow or deny requests by ordered rules (client, host, port, method, user, time)"
+    description = "Allow or deny requests by ordered rules (client, host, port, method, user, group, time)"
 
     def build(self, options: dict, context) -> Acl:
         check_options(options, _OPTIONS)
@@ -446,6 +483,9 @@ class AclFactory:
         tables = options.get("rules", [])
         if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
             raise ConfigError("rules must be an array of tables ([[filter.rules]])")
+        group_file = None
+        if "group_file" in options:
+            group_file = _list_file(options["group_file"], _Groups, context, "group_file")
         rules = []
         for index, table in enumerate(tables):
             where = f"rules[{index}]"
@@ -454,7 +494,7 @@ class AclFactory:
                 raise ConfigError(f"{where}: unknown key {unknown[0]!r} "
                                   f"(expected: action, {', '.join(_CONDITIONS)})")
             allow = _action(table.get("action"), f"{where}.action")
-            rules.append(_Rule(where, _tests(table, where, context), allow,
+            rules.append(_Rule(where, _tests(table, where, context, group_file), allow,
                                f"Denied by acl {where} ({_summary(table)})", pseudonym))
         allow = _action(options.get("default", "deny"), "default")
         return Acl(rules, _Rule("default", [], allow, "Denied by acl default (no rule matched)", pseudonym))
