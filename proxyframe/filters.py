@@ -18,7 +18,7 @@ from zope.interface import implementer
 from proxyframe.config import Config, ConfigError
 from proxyframe.interfaces import IFilter
 
-__all__ = ["Filter", "FilterContext", "HOOKS", "check_options"]
+__all__ = ["Filter", "FilterContext", "HOOKS", "check_options", "number_option"]
 
 #: The hook names of :class:`~proxyframe.interfaces.IFilter`.
 HOOKS = ("request_received", "connect_requested", "response_received", "response_body", "exchange_done")
@@ -59,6 +59,28 @@ def check_options(options: dict, allowed: Iterable[str]) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown option {unknown[0]!r} (expected: {', '.join(allowed)})")
+
+
+def number_option(options: dict, key: str, default: float, minimum: float = 0.0, integer: bool = False,
+                  unit: str = "") -> float:
+    """
+    Read a numeric option (TOML integer or float; booleans refused).
+
+    :param default: the value when *key* is absent.
+    :param minimum: the smallest value allowed.
+    :param integer: whether only integers are allowed (sizes in bytes).
+    :param unit: what the number counts, for the message (``"seconds"``).
+    :returns: the value (``int`` when *integer*, else ``float``).
+    :raises ConfigError: naming the option, what was expected and what
+        was found.
+    """
+    value = options.get(key, default)
+    kinds = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        what = "an integer" if integer else "a number"
+        unit = f" of {unit}" if unit else ""
+        raise ConfigError(f"{key} must be {what}{unit} >= {minimum:g}, not {value!r}")
+    return value if integer else float(value)
 
 
 @dataclass(frozen=True)

@@ -360,7 +360,7 @@ def test_stuck_disk_drops_lines_and_never_stalls_the_proxy(start, origin, fifo):
     ({"format": "xml"}, "format: 'xml' is not one of squid, common, combined, json"),
     ({"path": "no-such-dir/access.log"}, "path: cannot open "),
     ({"formatt": "json"}, "unknown option 'formatt'"),
-    ({"buffer_bytes": 0}, "buffer_bytes must be an integer greater than 0"),
+    ({"buffer_bytes": 0}, "buffer_bytes must be an integer of bytes >= 1"),
 ], ids=["format", "path", "unknown", "buffer_bytes"])
 def test_bad_option_stops_the_start(tmp_path, options, message):
     """A bad option stops the start with one line naming the filter and the option, no traceback."""

@@ -33,7 +33,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from proxyframe.config import ConfigError
-from proxyframe.filters import Filter, check_options
+from proxyframe.filters import Filter, check_options, number_option
 from proxyframe.interfaces import IFilterFactory
 
 __all__ = ["AccessLog", "AccessLogFactory", "FORMATS"]
@@ -392,9 +392,7 @@ class AccessLogFactory:
         path = options.get("path", "-")
         if not isinstance(path, str) or not path:
             raise ConfigError(f"path must be a file name or \"-\" for standard output, not {path!r}")
-        size = options.get("buffer_bytes", DEFAULT_BUFFER_BYTES)
-        if type(size) is not int or size <= 0:
-            raise ConfigError(f"buffer_bytes must be an integer greater than 0, not {size!r}")
+        size = number_option(options, "buffer_bytes", DEFAULT_BUFFER_BYTES, minimum=1, integer=True, unit="bytes")
         opener = _open_stdout if path == "-" else _opener(context.path(path))
         try:
             writer = _Writer(opener, size, context.reactor)

@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from proxyframe.config import ConfigError
 from proxyframe.exchange import Response
-from proxyframe.filters import Filter, check_options
+from proxyframe.filters import Filter, check_options, number_option
 from proxyframe.interfaces import IFilterFactory
 from proxyframe.plugins.pf_auth_digest import ALGORITHMS, ExpiringMap, Nonces, parse_params, response_value
 from proxyframe.plugins.pf_auth_files import CredentialFile, parse_htdigest, parse_htpasswd, verify_password
@@ -201,13 +201,6 @@ def _check_htpasswd(htpasswd: CredentialFile, user: bytes, password: bytes) -> b
 
 # -- options ----------------------------------------------------------------
 
-def _seconds(options: dict, key: str, default: float, minimum: float = 0.0) -> float:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise ConfigError(f"{key} must be a number of seconds >= {minimum:g}, not {value!r}")
-    return float(value)
-
-
 def _strings(options: dict, key: str, default: list[str], allowed: tuple[str, ...] | None = None) -> list[str]:
     value = options.get(key, default)
     if (not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value)
@@ -260,9 +253,9 @@ class AuthFactory:
     def build(self, options: dict, context) -> Auth:
         check_options(options, _OPTIONS)
         realm = _realm(options)
-        cache_ttl = _seconds(options, "cache_ttl", 300.0)
-        nonce_ttl = _seconds(options, "nonce_ttl", 300.0, minimum=1.0)
-        helper_timeout = _seconds(options, "helper_timeout", 5.0, minimum=0.1)
+        cache_ttl = number_option(options, "cache_ttl", 300.0, unit="seconds")
+        nonce_ttl = number_option(options, "nonce_ttl", 300.0, minimum=1.0, unit="seconds")
+        helper_timeout = number_option(options, "helper_timeout", 5.0, minimum=0.1, unit="seconds")
         htpasswd = _credential_file(options, "htpasswd_file", parse_htpasswd, context)
         digest_file = _credential_file(options, "digest_file", parse_htdigest, context)
         argv = _helper_argv(options, context)
