@@ -487,7 +487,7 @@ class ProxyServer(Protocol):
             # The origin's response is dropped for the filter's.
             if conn is not None:
                 self._upstream = None
-                conn.abort()
+                conn.drop_response()
             if self._state == _BODY:
                 self._keep_alive = False
             self._respond_local(replacement, b"" if replacement.body is None else replacement.body, filtered=True)

@@ -143,8 +143,21 @@ class UpstreamConnection(Protocol):
         Give up the current exchange (the client went away): the
         connection is closed, as its response can no longer be framed.
         """
+        self._state = _DONE
         self._detach()
         self.transport.abortConnection()
+
+    def drop_response(self) -> None:
+        """
+        The handler will not use the response whose head it was just given
+        (a filter replaced it).  A response without a body is complete
+        already, so the connection goes back to the pool; one with a body
+        is cut (:meth:`abort`), as reading it to the end could take long.
+        """
+        if self._state == _HEAD and self._reader is None:
+            self._detach()
+        else:
+            self.abort()
 
     def _detach(self) -> ResponseHandler | None:
         handler = self.handler
@@ -260,7 +273,7 @@ class UpstreamConnection(Protocol):
                 conn is not None and b"close" in conn.lower())
             self._reader = reader
             self.handler.response_head(response, reader)
-            if self.handler is None:
+            if self._state != _HEAD:
                 return
             rest = bytes(buf)
             buf.clear()
