@@ -268,6 +268,12 @@ class Origin:
                 pass
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone
+        # would leave that accept() taking connections on Linux.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
         with self._lock:
             for sock in list(self._open):
