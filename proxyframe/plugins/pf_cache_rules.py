@@ -39,6 +39,7 @@ HOP_BY_HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"te"
                         b"upgrade", b"trailer", b"proxy-authenticate", b"proxy-authentication-info"})
 #: Fields a 304 must not replace in a stored response (RFC 9111 §3.2).
 _NOT_UPDATED = HOP_BY_HOP | {b"content-length", b"age", b"cache-status"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range")
 
 # RFC 9110 §5.6.2 token and §5.6.4 quoted-string, in a cache directive (RFC 9111 §5.2).
@@ -532,9 +533,17 @@ def invalidated_keys(request: Request, response_headers: Headers) -> list[str]:
     origin = urlsplit(target)[:2]
     for name in (b"location", b"content-location"):
         value = response_headers.get(name)
-        if value:
-            uri = urljoin(target, value.decode("latin-1").strip())
-            parts = urlsplit(uri)
-            if (parts.scheme, parts.netloc.lower()) == origin:
-                keys.append(uri.split("#", 1)[0])
+        if not value:
+            continue
+        parts = urlsplit(urljoin(target, value.decode("latin-1").strip()))
+        try:
+            port = parts.port
+        except ValueError:
+            continue
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host if port in (None, _DEFAULT_PORTS.get(parts.scheme)) else f"{host}:{port}"
+        if (parts.scheme, netloc) == origin:
+            keys.append(f"{parts.scheme}://{netloc}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else ""))
     return keys
