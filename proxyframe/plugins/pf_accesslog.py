@@ -15,12 +15,20 @@ dropped and counted, never piled up.  SIGHUP (or :meth:`AccessLog.reopen`)
 reopens the file, for logrotate.  At shutdown the writer gets
 ``timeouts.shutdown_grace`` seconds to write what is left.
 
+With ``path = "-"`` the lines go straight to file descriptor 1 (no log
+prefix), unless standard output goes nowhere: when the first line is made,
+if descriptor 1 is ``/dev/null`` (as after ``twistd`` without ``-n``
+daemonized), every line goes instead through :mod:`twisted.logger`, namespace
+``proxyframe.accesslog``, at level info, and so lands in ``twistd``'s log
+file.  This is checked once: the daemon's standard output does not change.
+
 Written only against the public contract, as any third party would.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import threading
@@ -325,6 +333,14 @@ def _open_stdout():
     return open(1, "wb", closefd=False)
 
 
+def _stdout_discarded() -> bool:
+    """Whether file descriptor 1 is ``/dev/null`` (``twistd`` daemonized, or ``> /dev/null``)."""
+    try:
+        return os.path.samestat(os.fstat(1), os.stat(os.devnull))
+    except OSError:
+        return False
+
+
 def _opener(path: Path) -> Callable:
     return lambda: open(path, "ab")
 
@@ -332,11 +348,18 @@ def _opener(path: Path) -> Callable:
 # -- the filter --------------------------------------------------------------------------
 
 class AccessLog(Filter):
-    """Writes one line per exchange (see the module docstring)."""
+    """
+    Writes one line per exchange (see the module docstring).
 
-    def __init__(self, format: Callable, writer: _Writer) -> None:
+    :param stdout: whether *writer* writes to standard output: the first
+        line then decides, once, between *writer* and :mod:`twisted.logger`
+        (when standard output is ``/dev/null``).
+    """
+
+    def __init__(self, format: Callable, writer: _Writer, stdout: bool = False) -> None:
         self._format = format
         self._writer = writer
+        self._deliver = self._first_to_stdout if stdout else self._to_writer
 
     @property
     def dropped(self) -> int:
@@ -344,7 +367,22 @@ class AccessLog(Filter):
         return self._writer.dropped
 
     def exchange_done(self, exchange) -> None:
-        self._writer.write((self._format(exchange) + "\n").encode("utf-8"))
+        self._deliver(self._format(exchange))
+
+    def _to_writer(self, line: str) -> None:
+        self._writer.write((line + "\n").encode("utf-8"))
+
+    def _to_logger(self, line: str) -> None:
+        _log.info("{line}", line=line)
+
+    def _first_to_stdout(self, line: str) -> None:
+        # Not when the filter is built: twistd daemonizes after that.
+        if _stdout_discarded():
+            _log.info("accesslog: standard output is /dev/null; the access log goes to this log instead")
+            self._deliver = self._to_logger
+        else:
+            self._deliver = self._to_writer
+        self._deliver(line)
 
     def reopen(self) -> None:
         """
@@ -398,7 +436,7 @@ class AccessLogFactory:
             writer = _Writer(opener, size, context.reactor)
         except OSError as e:
             raise ConfigError(f"path: cannot open {context.path(path)} for writing: {e.strerror}") from None
-        filter_ = AccessLog(FORMATS[fmt](), writer)
+        filter_ = AccessLog(FORMATS[fmt](), writer, stdout=path == "-")
         if path != "-":
             _reopen_on_sighup(context.reactor, filter_.reopen)
         grace = context.config.timeouts.shutdown_grace
