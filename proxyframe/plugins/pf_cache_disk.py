@@ -28,7 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from proxyframe.config import ConfigError
-from proxyframe.plugins.pf_cache_store import ICacheStore, Value, decode_value, encode_value
+from proxyframe.plugins.pf_cache_store import ICacheStore, LogLimiter, Value, decode_value, encode_value
 
 __all__ = ()
 
@@ -85,7 +85,7 @@ class DiskStore:
         self._counts = {"lookups": 0, "found": 0, "stored": 0, "evictions": 0, "errors": 0,
                         "entries": entries, "bytes": volume}
         # kind of error -> when it was last logged (reactor seconds)
-        self._logged: dict[tuple, float] = {}
+        self._log_limit = LogLimiter(reactor.seconds, LOG_INTERVAL)
         self._closed = False
         self._pool = ThreadPool(minthreads=1, maxthreads=MAX_THREADS, name="proxyframe-cache-disk")
         self._pool.start()
@@ -199,12 +199,8 @@ class DiskStore:
     def _failed(self, failure: Failure, operation: str) -> None:
         self._counts["errors"] += 1
         error = failure.value
-        kind = (type(error), getattr(error, "errno", None))
-        now = self._reactor.seconds()
-        last = self._logged.get(kind)
-        if last is not None and now - last < LOG_INTERVAL:
+        if not self._log_limit.allows((type(error), getattr(error, "errno", None))):
             return None
-        self._logged[kind] = now
         if failure.check(_DamagedValue, *_BACKEND_ERRORS):
             _log.warn("cache disk store {directory}: {operation} failed: {error}"
                       " (repeats of this error are not logged for {interval:.0f} s)",

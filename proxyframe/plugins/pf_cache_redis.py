@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxyframe.config import ConfigError
-from proxyframe.plugins.pf_cache_store import ICacheStore, Value, decode_value, encode_value
+from proxyframe.plugins.pf_cache_store import ICacheStore, LogLimiter, Value, decode_value, encode_value
 
 __all__ = ()
 
@@ -132,7 +132,7 @@ class RedisStore:
         self._reactor = reactor
         self._counts = {"lookups": 0, "found": 0, "stored": 0, "evictions": 0, "errors": 0}
         # kind of error -> when it was last logged (reactor seconds)
-        self._logged: dict[type, float] = {}
+        self._log_limit = LogLimiter(reactor.seconds, LOG_INTERVAL)
         self._closed = False
         self._connect()
 
@@ -264,12 +264,8 @@ class RedisStore:
         Log *failure* (with its traceback unless *expected*), unless one of
         its kind was logged less than :data:`LOG_INTERVAL` ago.
         """
-        kind = type(failure.value)
-        now = self._reactor.seconds()
-        last = self._logged.get(kind)
-        if last is not None and now - last < LOG_INTERVAL:
+        if not self._log_limit.allows(type(failure.value)):
             return
-        self._logged[kind] = now
         if expected:
             _log.warn("cache redis store {url}: {what}: {error}"
                       " (repeats of this error are not logged for {interval:.0f} s)",

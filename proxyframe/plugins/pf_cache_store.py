@@ -81,6 +81,31 @@ class ICacheStore(Interface):
         """
 
 
+class LogLimiter:
+    """
+    Says whether an error of some kind should be logged now: at most once
+    per *interval* seconds per kind, so that a backend that is down logs a
+    line a minute, not one per request.
+
+    :param clock: ``() -> float``, seconds (the reactor's ``seconds``).
+    :param interval: seconds between two lines about one kind of error.
+    """
+
+    def __init__(self, clock, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[object, float] = {}
+
+    def allows(self, kind: object) -> bool:
+        """:returns: whether to log an error of *kind* (any hashable) now."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[kind] = now
+        return True
+
+
 # -- the byte encoding (disk, Redis) -----------------------------------------------
 
 # "PFC" and a format version, the CRC-32 of what follows, the length of the
