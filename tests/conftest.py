@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from redistools import RedisServer
 from support import Origin, ProxyProcess, make_tls_context, proxy_config
 
 
@@ -54,3 +55,25 @@ def curl():
     if path is None:
         pytest.skip("curl is not installed (apt-get install curl)")
     return path
+
+
+@pytest.fixture
+def start_redis(tmp_path):
+    """
+    ``start_redis(password=None)`` starts a ``redis-server`` (the test is
+    skipped when there is none); all are stopped at teardown.
+    """
+    servers: list[RedisServer] = []
+
+    def start(password: str | None = None) -> RedisServer:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        directory = tmp_path / f"redis{len(servers)}"
+        directory.mkdir()
+        servers.append(RedisServer(executable, directory, password))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

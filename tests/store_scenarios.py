@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from zope.interface.verify import verifyObject
 
 from proxyframe.plugins.pf_cache_rules import Entry, VaryIndex
 from proxyframe.plugins.pf_cache_store import ICacheStore, MemoryStore, decode_value, encode_value
+from redistools import RawRedis
 
 # -- values --------------------------------------------------------------------------
 
@@ -99,42 +99,6 @@ def describe(value: Entry | VaryIndex | None) -> dict | None:
 def redis_key(prefix: str, key: str) -> bytes:
     """The Redis key :class:`RedisStore` uses for cache key *key*."""
     return (prefix + hashlib.sha256(key.encode("utf-8")).hexdigest()).encode("utf-8")
-
-
-class RawRedis:
-    """A blocking RESP client for looking at Redis behind the store's back (tests only)."""
-
-    def __init__(self, port: int, password: str | None = None, db: int = 0) -> None:
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self._file = self._sock.makefile("rb")
-        if password is not None:
-            self.command("AUTH", password)
-        self.command("SELECT", str(db))
-
-    def send(self, *args: str | bytes) -> None:
-        parts = [a if isinstance(a, bytes) else a.encode() for a in args]
-        self._sock.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
-
-    def command(self, *args: str | bytes):
-        self.send(*args)
-        line = self._file.readline()
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            if rest == b"-1":
-                return None
-            data = self._file.read(int(rest) + 2)
-            return data[:-2]
-        raise RuntimeError(f"unexpected reply {line!r}")
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
 
 
 # -- the harness ------------------------------------------------------------------------

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from proxyframe.config import ConfigError
 from proxyframe.plugins.pf_cache_store import decode_value
-from store_scenarios import BIG_BODY, KEY, RawRedis, describe, redis_key, sample_entry, utf8_index
+from store_scenarios import BIG_BODY, KEY, describe, redis_key, sample_entry, utf8_index
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = Path(__file__).resolve().parent / "store_scenarios.py"
@@ -66,76 +64,12 @@ def run_scenario(name: str, spec: dict, tmp_path: Path, on_ask=None, timeout: fl
 # -- Redis -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A ``redis-server`` on 127.0.0.1 that persists nothing; it can be stopped and started on the same port."""
-
-    def __init__(self, executable: str, directory: Path, password: str | None) -> None:
-        self.executable = executable
-        self.directory = directory
-        self.password = password
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        args = [self.executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--appendonly", "no", "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
-        if self.password is not None:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                RawRedis(self.port, self.password).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    log = (self.directory / "redis.log").read_text()
-                    raise RuntimeError(f"redis-server did not start: {log}") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-    def raw(self, db: int = 0) -> RawRedis:
-        return RawRedis(self.port, self.password, db)
-
-    def spec(self, db: int = 0, password: str | None = None) -> dict:
-        password = self.password if password is None else password
-        auth = f":{password}@" if password is not None else ""
-        return {"backend": "redis", "url": f"redis://{auth}127.0.0.1:{self.port}/{db}", "prefix": "pf-test:",
-                "timeout": TIMEOUT, "port": self.port, "password": self.password, "db": db}
-
-
-@pytest.fixture
-def start_redis(tmp_path):
-    """
-    ``start_redis(password=None)`` starts a ``redis-server`` (the test is
-    skipped when there is none); all are stopped at teardown.
-    """
-    servers: list[RedisServer] = []
-
-    def start(password: str | None = None) -> RedisServer:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        directory = tmp_path / f"redis{len(servers)}"
-        directory.mkdir()
-        servers.append(RedisServer(executable, directory, password))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+def redis_spec(server, db: int = 0, password: str | None = None) -> dict:
+    """What a store scenario needs to reach *server* (a ``RedisServer``)."""
+    password = server.password if password is None else password
+    auth = f":{password}@" if password is not None else ""
+    return {"backend": "redis", "url": f"redis://{auth}127.0.0.1:{server.port}/{db}", "prefix": "pf-test:",
+            "timeout": TIMEOUT, "port": server.port, "password": server.password, "db": db}
 
 
 # -- the backends ----------------------------------------------------------------------------
@@ -146,7 +80,7 @@ def make_spec(backend: str, tmp_path: Path, start_redis, max_bytes: int = 64 * M
         return {"backend": "memory", "max_bytes": max_bytes}
     if backend == "disk":
         return {"backend": "disk", "max_bytes": max_bytes, "directory": str(tmp_path / "cache")}
-    return start_redis().spec()
+    return redis_spec(start_redis())
 
 
 @pytest.fixture(params=["memory", "disk", "redis"])
@@ -310,7 +244,7 @@ def test_redis_wire(start_redis, tmp_path):
     password), with a PX expiry and the encoded value.
     """
     server = start_redis(password="s3cret")
-    run_scenario("wire", server.spec(db=2), tmp_path)
+    run_scenario("wire", redis_spec(server, db=2), tmp_path)
     key = redis_key("pf-test:", KEY)
     raw = server.raw(db=2)
     assert raw.command("EXISTS", key) == 1
@@ -334,7 +268,7 @@ def test_redis_down_then_back(start_redis, tmp_path):
         elif request == "recover":
             server.start()
 
-    result = run_scenario("outage", dict(server.spec(), trouble="stop", calls=10), tmp_path, on_ask)
+    result = run_scenario("outage", dict(redis_spec(server), trouble="stop", calls=10), tmp_path, on_ask)
     assert asks == ["stop", "recover"]
     assert result["results"] == [None] * 10
     assert max(result["timings"]) <= 2 * TIMEOUT + SLACK  # a get and a put
@@ -355,7 +289,7 @@ def test_redis_slow_then_back(start_redis, tmp_path):
             raw.command("CLIENT", "PAUSE", "2000", "ALL")
             raw.close()
 
-    result = run_scenario("outage", dict(server.spec(), trouble="pause", calls=1), tmp_path, on_ask)
+    result = run_scenario("outage", dict(redis_spec(server), trouble="pause", calls=1), tmp_path, on_ask)
     assert result["results"] == [None]
     assert result["timings"][0] <= 2 * TIMEOUT + SLACK
     assert result["recovered"] is not None
@@ -369,7 +303,7 @@ def test_redis_wrong_password(start_redis, tmp_path):
     logged once per kind of error, without the password.
     """
     server = start_redis(password="s3cret")
-    result = run_scenario("unusable", server.spec(password="wrong"), tmp_path)
+    result = run_scenario("unusable", redis_spec(server, password="wrong"), tmp_path)
     assert result["results"] == [None] * 30
     assert max(result["timings"]) <= 2 * TIMEOUT + SLACK
     assert result["stats"]["errors"] >= 50
