@@ -668,3 +668,15 @@ def test_bad_options_stop_the_start(start_cache, options, message):
     with pytest.raises(RuntimeError) as failure:
         start_cache(**options)
     assert "(cache)" in str(failure.value) and message in str(failure.value)
+
+
+def test_counters_are_logged(start_cache, origin, script):
+    """Lookups by result code and the store's counters reach the log every stats_interval seconds."""
+    cache = start_cache(stats_interval=0.2, max_bytes=300_000)
+    for target in ("/one", "/two", "/three"):
+        script.routes[target] = Route(fields=fresh(), body=body_bytes(120_000))
+    for target in ("/one", "/one", "/one", "/two", "/three"):
+        fetch(cache, origin.url(target))
+    line = cache.wait_for_line(r"cache: 5 lookups")
+    assert "40.0% answered from the cache (TCP_HIT=2 TCP_MISS=3)" in line
+    assert "entries=2" in line and "evictions=1" in line and "stored=3" in line

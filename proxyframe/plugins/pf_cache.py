@@ -33,10 +33,12 @@ Written only against the public contract, as any third party would.
 
 from __future__ import annotations
 
+from collections import Counter
 from email.utils import formatdate
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -86,8 +88,8 @@ __all__ = ()
 _log = Logger(namespace="proxyframe.cache")
 
 _OPTIONS = ("store", "max_bytes", "max_object_bytes", "heuristic_fraction", "heuristic_max", "keep_stale",
-            "collapse_timeout", "targeted_field", "status_name", "path", "redis_url", "redis_prefix",
-            "redis_timeout")
+            "collapse_timeout", "targeted_field", "status_name", "stats_interval", "path", "redis_url",
+            "redis_prefix", "redis_timeout")
 _STORES = ("memory", "disk", "redis")
 #: The key in ``exchange.notes`` for this filter's per-exchange state.
 _NOTE = "cache"
@@ -156,11 +158,13 @@ class Cache(Filter):
     :param timeouts: the proxy's :class:`~proxyframe.config.Timeouts`
         (``connect`` and ``response`` bound background revalidations).
     :param via: the proxy's pseudonym in ``Via`` (RFC 9110 §7.6.3).
+    :param stats_interval: seconds between two lines of counters in the
+        log (:meth:`log_stats`); 0 for none.
     """
 
     def __init__(self, store, reactor, name: bytes, max_object_bytes: int, heuristic_fraction: float,
                  heuristic_max: float, keep_stale: float, collapse_timeout: float,
-                 targeted_field: bytes | None, timeouts, via: bytes) -> None:
+                 targeted_field: bytes | None, timeouts, via: bytes, stats_interval: float = 0.0) -> None:
         self.store = store
         self._reactor = reactor
         self._clock = reactor.seconds
@@ -177,6 +181,29 @@ class Cache(Filter):
         # Keys being revalidated in the background (stale-while-revalidate).
         self._refreshing: set[str] = set()
         self._agent: Agent | None = None
+        #: Exchanges looked up, by Squid result code (``TCP_HIT``, ``TCP_MISS``, ...).
+        self.counts: Counter[str] = Counter()
+        self._logged_counts: Counter[str] = Counter()
+        if stats_interval > 0:
+            self._stats = LoopingCall(self.log_stats)
+            self._stats.clock = reactor
+            self._stats.start(stats_interval, now=False)
+
+    def log_stats(self) -> None:
+        """
+        Log one line with the lookups by result code since the start and
+        the store's counters (entries, bytes, evictions, errors), when
+        anything changed since the last line.
+        """
+        if self.counts == self._logged_counts:
+            return
+        self._logged_counts = Counter(self.counts)
+        lookups = sum(self.counts.values())
+        hits = sum(n for code, n in self.counts.items() if "HIT" in code or code == "TCP_REFRESH_UNMODIFIED")
+        _log.info("cache: {lookups} lookups, {hit_ratio:.1%} answered from the cache ({codes}); store: {store}",
+                  lookups=lookups, hit_ratio=hits / lookups,
+                  codes=" ".join(f"{code}={n}" for code, n in sorted(self.counts.items())),
+                  store=" ".join(f"{name}={n}" for name, n in sorted(self.store.stats().items())))
 
     # -- request phase ---------------------------------------------------------------
 
@@ -452,6 +479,7 @@ class Cache(Filter):
         state = exchange.notes.get(_NOTE)
         if state is None or state is _INVALIDATES:
             return
+        self.counts[state.squid_code] += 1
         collect = state.collect
         if collect is None or exchange.error is not None:
             self._release(state)
@@ -620,6 +648,7 @@ class CacheFactory:
         heuristic_max = number_option(options, "heuristic_max", 86400.0, unit="seconds")
         keep_stale = number_option(options, "keep_stale", 86400.0, unit="seconds")
         collapse = number_option(options, "collapse_timeout", 10.0, unit="seconds")
+        stats_interval = number_option(options, "stats_interval", 300.0, unit="seconds")
         targeted = options.get("targeted_field", "")
         name = options.get("status_name", context.config.via)
         for key, value in (("targeted_field", targeted), ("status_name", name)):
@@ -630,7 +659,7 @@ class CacheFactory:
         store = _store(options, context, kind, max_bytes)
         return Cache(store, context.reactor, name.encode("ascii"), max_object, fraction, heuristic_max,
                      keep_stale, collapse, targeted.lower().encode("ascii") or None, context.config.timeouts,
-                     context.config.via.encode("ascii"))
+                     context.config.via.encode("ascii"), stats_interval)
 
 
 cache = CacheFactory()
