@@ -18,12 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, ProxyProcess, twistd_command
+from rawhttp import Client
+from support import REPO, ProxyProcess, body_bytes, twistd_command
 
 # A drop-in plugin module written by the tests: "tag" records its label on
 # the way in (request field), on the way out (response field) and at the
 # end (a line in a file); "answer" short-circuits; "slow" waits on a
-# Deferred and a coroutine; "broken-hook" raises.
+# Deferred and a coroutine; "broken-hook" raises; "double" doubles every
+# byte of the response body (so its length changes) and removes
+# Content-Length; "replace" answers a request carrying X-Replace with its
+# own response in place of the origin's.
 TEST_PLUGINS = '''
 import json
 from twisted.internet.task import deferLater
@@ -76,6 +80,22 @@ class BrokenHook(Filter):
         raise RuntimeError("this filter is broken")
 
 
+class Double(Filter):
+    def response_received(self, exchange):
+        exchange.response.headers.remove(b"Content-Length")
+
+    def response_body(self, exchange, data):
+        doubled = bytearray(2 * len(data))
+        doubled[0::2] = doubled[1::2] = data
+        return bytes(doubled)
+
+
+class Replace(Filter):
+    def response_received(self, exchange):
+        if exchange.request.headers.get(b"x-replace") is not None:
+            return Response.make(203, "replaced by a filter\\n", [(b"X-Replaced", b"yes")])
+
+
 @implementer(IPlugin, IFilterFactory)
 class Factory:
     def __init__(self, name, build):
@@ -95,6 +115,8 @@ tag = Factory("tag", _tag)
 answer = Factory("answer", lambda options, context: Answer())
 slow = Factory("slow", lambda options, context: Slow(context.reactor))
 broken_hook = Factory("broken-hook", lambda options, context: BrokenHook())
+double = Factory("double", lambda options, context: Double())
+replace = Factory("replace", lambda options, context: Replace())
 '''
 
 
@@ -206,6 +228,88 @@ def test_failing_hook_fails_only_that_exchange(run_proxy, plugin_dir, origin):
     assert resp.status == 500
     proxy.wait_for_line(r"filter broken-hook failed")
     proxy.wait_for_line(r"RuntimeError: this filter is broken")
+
+
+# -- response_body and re-framing ----------------------------------------------------
+
+FRAMINGS = ("length", "chunked", "close")
+#: Bigger than the origin's 64 KiB pieces, so the filter sees several.
+BODY_SIZE = 150_000
+
+
+def doubled(data: bytes) -> bytes:
+    """What the "double" test filter makes of *data*: every byte twice."""
+    return bytes(b for byte in data for b in (byte, byte))
+
+
+def plain_get(url: str, version: str = "1.1", extra: str = "") -> bytes:
+    """An absolute-form GET for the raw client."""
+    return f"GET {url} HTTP/{version}\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode()
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_body_filter_changing_length_is_chunked_for_http11(run_proxy, plugin_dir, origin, framing):
+    """
+    A filter that changes the body's length in response_body and removes
+    Content-Length in response_received: an HTTP/1.1 client gets the
+    changed body chunked (RFC 9112 §7.1), byte for byte, whatever the
+    origin's framing, and the connection stays usable for the next request.
+    """
+    proxy = run_proxy(config(plugin_dir, [{"use": "double"}]))
+    with Client(proxy.port) as client:
+        client.send(plain_get(origin.url(f"/bytes/{BODY_SIZE}?framing={framing}&seed=3")))
+        reply = client.read_response()
+        assert reply.status == 200
+        assert reply.header("transfer-encoding") == "chunked" and reply.header("content-length") is None
+        assert "close" not in (reply.header("connection") or "")
+        assert reply.body == doubled(body_bytes(BODY_SIZE, seed=3))
+        assert client.buf == b""
+        client.send(plain_get(origin.url("/bytes/10?seed=4")))
+        second = client.read_response()
+        assert (second.status, second.body) == (200, doubled(body_bytes(10, seed=4)))
+    assert [r.target for r in origin.requests] == [f"/bytes/{BODY_SIZE}?framing={framing}&seed=3", "/bytes/10?seed=4"]
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_body_filter_changing_length_is_close_delimited_for_http10(run_proxy, plugin_dir, origin, framing):
+    """
+    The same filter with an HTTP/1.0 client, which knows no chunked coding:
+    the changed body is close-delimited (no Content-Length, no
+    Transfer-Encoding, ``Connection: close``) and the proxy closes the
+    connection after its last byte.
+    """
+    proxy = run_proxy(config(plugin_dir, [{"use": "double"}]))
+    with Client(proxy.port) as client:
+        client.send(plain_get(origin.url(f"/bytes/{BODY_SIZE}?framing={framing}&seed=5"), version="1.0"))
+        reply = client.read_response()  # no length: read_to_close fails unless the proxy closes
+        assert reply.status == 200
+        assert reply.header("transfer-encoding") is None and reply.header("content-length") is None
+        assert reply.header("connection") == "close"
+        assert reply.body == doubled(body_bytes(BODY_SIZE, seed=5))
+    assert len(origin.requests) == 1
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_replacement_response_drops_the_origin_body(run_proxy, plugin_dir, origin, framing):
+    """
+    response_received returning a Response: the client gets that response
+    whole and none of the origin's body, then the next request on the same
+    client connection is relayed normally.
+    """
+    proxy = run_proxy(config(plugin_dir, [{"use": "replace"}]))
+    with Client(proxy.port) as client:
+        client.send(plain_get(origin.url(f"/bytes/{BODY_SIZE}?framing={framing}&seed=6"), extra="X-Replace: 1\r\n"))
+        reply = client.read_response()
+        assert (reply.status, reply.body) == (203, b"replaced by a filter\n")
+        assert reply.header("x-replaced") == "yes"
+        assert reply.header("content-length") == str(len(reply.body))
+        assert client.buf == b""
+        client.send(plain_get(origin.url("/bytes/1000?seed=7")))
+        second = client.read_response()
+        assert (second.status, second.body) == (200, body_bytes(1000, seed=7))
+        assert second.header("x-replaced") is None
+    assert [r.target for r in origin.requests] == [f"/bytes/{BODY_SIZE}?framing={framing}&seed=6",
+                                                   "/bytes/1000?seed=7"]
 
 
 def test_drop_in_contrib_filter_from_the_repository(run_proxy, origin):

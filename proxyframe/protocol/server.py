@@ -549,13 +549,16 @@ class ProxyServer(Protocol):
             self._upstream = None
             self._held.append((trailers,))
             return
+        # The upstream connection is back in the pool already: unregister it
+        # before the last write, which could otherwise pause it there (the
+        # next exchange on it would then never read its response).
+        self._unregister_producer()
         if self._chunk_out:
             if trailers is not None and len(trailers):
                 trailers.discard(HOP_BY_HOP)
                 self.transport.write(b"0\r\n" + trailers.encode() + b"\r\n")
             else:
                 self.transport.write(LAST_CHUNK)
-        self._unregister_producer()
         self._upstream = None
         if self._state == _BODY:
             # The origin answered before the whole request body came; where
