@@ -13,12 +13,15 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+from twisted import plugin as twisted_plugin
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
+from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -46,26 +49,105 @@ def _add_plugin_paths(config: Config) -> None:
             plugin_package.__path__.append(path)
 
 
-def find_filter_factories(config: Config) -> dict[str, IFilterFactory]:
+def find_filter_factories(config: Config, problems: list[str] | None = None) -> dict[str, IFilterFactory]:
     """
     Find every filter plugin: first-party, installed third-party, and the
     ``.py`` files in the config's ``plugin_paths``.  A module that fails to
-    import is logged by ``getPlugins`` with its name and error and does not
-    hide the others.
+    import does not hide the others; it is reported in one line naming
+    the module, the error, and the file and line where it was raised
+    (:func:`_load_problem`).
 
+    :param problems: when given, those lines are appended to it (for the
+        caller to show); otherwise each is logged as an error.
     :returns: ``{name: factory}``.
     :raises ConfigError: a ``plugin_paths`` entry is not a directory, or two
         plugins share a name.
     """
     _add_plugin_paths(config)
     found: dict[str, IFilterFactory] = {}
-    for factory in getPlugins(IFilterFactory, plugin_package):
+    with _load_failures_kept() as failures:
+        factories = list(getPlugins(IFilterFactory, plugin_package))
+    lines = [_load_problem(failure, why) for failure, why in failures]
+    if problems is None:
+        for line in lines:
+            _log.error("{problem}", problem=line)
+    else:
+        problems.extend(lines)
+    for factory in factories:
         name = factory.name
         if name in found and found[name] is not factory:
             raise ConfigError(f"two filter plugins are named {name!r}: "
                               f"{plugin_origin(found[name])} and {plugin_origin(factory)}")
         found[name] = factory
     return found
+
+
+class _KeepErrors:
+    """
+    Stands in for ``twisted.python.log`` in :mod:`twisted.plugin` while
+    ``getPlugins`` runs: its ``err`` keeps the failure instead of logging
+    it, everything else is the real module's.
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[tuple[Failure, str | None]] = []
+
+    def err(self, _stuff=None, _why=None, **kw) -> None:
+        self.failures.append((_stuff if isinstance(_stuff, Failure) else Failure(), _why))
+
+    def __getattr__(self, name: str):
+        return getattr(legacy_log, name)
+
+
+@contextmanager
+def _load_failures_kept() -> Iterator[list[tuple[Failure, str | None]]]:
+    """
+    Keep what ``getPlugins`` reports with ``log.err`` (a module that fails
+    to import, while it refreshes its cache), as ``(failure, why)`` pairs.
+
+    ``getPlugins`` would log each as a critical "Unhandled Error" with a
+    traceback, which twistd shows twice: before logging starts, Twisted
+    prints critical events on stderr at once and also keeps them, then
+    replays them into the log when twistd starts logging.
+    """
+    keeper = _KeepErrors()
+    original, twisted_plugin.log = twisted_plugin.log, keeper
+    try:
+        yield keeper.failures
+    finally:
+        twisted_plugin.log = original
+
+
+def _load_problem(failure: Failure, why: str | None = None) -> str:
+    """
+    One line for a failure ``getPlugins`` reported: ``filter plugin module
+    pf_x could not be loaded: SyntaxError: invalid syntax (/path/pf_x.py,
+    line 3)``.  The module is the one whose import raised (the outermost
+    module-level frame, or the file of a ``SyntaxError`` in the plugin
+    itself); the place is where the error was raised.
+    """
+    error = failure.value
+    module = where = None
+    tb = failure.getTracebackObject()
+    while tb is not None:
+        frame = tb.tb_frame
+        if module is None and frame.f_code.co_name == "<module>":
+            module = frame.f_globals.get("__name__")
+        if not frame.f_code.co_filename.startswith("<"):
+            where = (frame.f_code.co_filename, tb.tb_lineno)
+        tb = tb.tb_next
+    if isinstance(error, SyntaxError):
+        if module is None and error.filename:
+            module = Path(error.filename).stem
+        text = f"{type(error).__name__}: {error.msg}"
+        where = (error.filename, error.lineno) if error.filename else where
+    else:
+        text = f"{type(error).__name__}: {error}"
+    if where is not None:
+        text += f" ({where[0]}, line {where[1]})"
+    if module is None:
+        return f"filter plugin discovery failed{f' ({why})' if why else ''}: {text}"
+    return f"filter plugin module {module.rpartition('.')[2]} could not be loaded: {text}"
 
 
 def plugin_origin(factory: object) -> str:
@@ -84,15 +166,17 @@ def build_chain(config: Config, reactor) -> Chain:
     """
     if not config.filters:
         return Chain([])
-    factories = find_filter_factories(config)
+    problems: list[str] = []
+    factories = find_filter_factories(config, problems)
     base = Path(config.source).parent if config.source else Path.cwd()
     where = f"{config.source}: " if config.source else ""
     built = []
     for position, entry in enumerate(config.filters):
         factory = factories.get(entry.use)
         if factory is None:
+            unloaded = "".join(f"; {line}" for line in problems)
             raise ConfigError(f"{where}filter[{position}]: no filter plugin named {entry.use!r} "
-                              f"(found: {', '.join(sorted(factories)) or 'none'})")
+                              f"(found: {', '.join(sorted(factories)) or 'none'}){unloaded}")
         context = FilterContext(reactor, config, base, position)
         try:
             filter_ = factory.build(dict(entry.options), context)
@@ -100,6 +184,9 @@ def build_chain(config: Config, reactor) -> Chain:
             raise ConfigError(f"{where}filter[{position}] ({entry.use}): {e}") from None
         verifyObject(IFilter, filter_)
         built.append((entry.use, filter_))
+    for line in problems:
+        # An error, not critical: twistd shows it once, in its log.
+        _log.error("{problem}", problem=line)
     return Chain(built)
 
 

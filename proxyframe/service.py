@@ -68,9 +68,12 @@ class Options(usage.Options):
 
     @staticmethod
     def _list_filters(config: Config) -> None:
-        for name, factory in sorted(find_filter_factories(config).items()):
+        problems: list[str] = []
+        for name, factory in sorted(find_filter_factories(config, problems).items()):
             description = getattr(factory, "description", "")
             print(f"{name:16} {description}\n{'':16} from {plugin_origin(factory)}")
+        for line in problems:
+            print(line)
         sys.exit(0)
 
 

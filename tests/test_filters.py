@@ -372,13 +372,57 @@ def list_filters(tmp_path: Path, text: str, pythonpath: str = str(REPO)) -> str:
 
 
 def test_broken_plugin_module_is_reported_and_does_not_hide_others(tmp_path, plugin_dir):
-    """A drop-in module that fails to import is logged by name; the other plugins are still found."""
-    (plugin_dir / "pft_broken.py").write_text("import no_such_module_for_proxyframe\n")
+    """
+    --list-filters: a drop-in module that fails to import is reported in
+    one line with its name, the error and where it was raised, no
+    traceback; the other plugins are still listed.
+    """
+    broken = plugin_dir / "pft_broken.py"
+    broken.write_text("import no_such_module_for_proxyframe\n")
     output = list_filters(tmp_path, config(plugin_dir, []))
-    assert "pft_broken" in output
-    assert "ModuleNotFoundError: No module named 'no_such_module_for_proxyframe'" in output
+    (line,) = [line for line in output.splitlines() if "pft_broken" in line]
+    assert line == ("filter plugin module pft_broken could not be loaded: ModuleNotFoundError: "
+                    f"No module named 'no_such_module_for_proxyframe' ({broken}, line 1)")
+    assert "Traceback" not in output and "Unhandled Error" not in output
     assert "tag" in output and "answer" in output
     assert str(plugin_dir / "pft_testfilters.py") in output
+
+
+def test_broken_plugin_module_at_start_is_one_line_and_others_work(run_proxy, plugin_dir, origin):
+    """
+    A normal start with a drop-in module that fails to import: the proxy
+    starts, the filters of the other modules work, and the output names
+    the module and its error once, in one line, without a traceback.
+    """
+    broken = plugin_dir / "pft_broken.py"
+    broken.write_text("x = 1\ndef broken(:\n")
+    proxy = run_proxy(config(plugin_dir, [{"use": "answer"}]))
+    resp, body = get(proxy, origin.url("/answer"))
+    assert (resp.status, body) == (418, b"answered by a filter\n")
+    resp, body = get(proxy, origin.url("/other"))
+    assert (resp.status, body) == (200, b"hello")
+    proxy.stop()
+    (line,) = [line for line in proxy.lines if "pft_broken" in line]
+    assert line.endswith(f"filter plugin module pft_broken could not be loaded: SyntaxError: invalid syntax "
+                         f"({broken}, line 2)"), line
+    assert not [line for line in proxy.lines if "Traceback" in line or "Unhandled Error" in line], proxy.lines
+
+
+def test_filter_in_a_broken_module_stops_the_start_naming_the_error(tmp_path, plugin_dir):
+    """
+    A configured filter whose module fails to import: the start stops
+    with exit 1, and the one message says both that the filter was not
+    found and why its module could not be loaded, once, no traceback.
+    """
+    (plugin_dir / "pft_testfilters.py").write_text(TEST_PLUGINS + "\nraise RuntimeError('half-written plugin')\n")
+    out = start_failure(tmp_path, config(plugin_dir, [{"use": "tag", "label": "x", "done_file": "f"}]))
+    output = out.stdout + out.stderr
+    assert out.returncode == 1, output
+    (line,) = [line for line in output.splitlines() if "pft_testfilters" in line]
+    assert "filter[0]: no filter plugin named 'tag'" in line
+    assert ("filter plugin module pft_testfilters could not be loaded: RuntimeError: half-written plugin "
+            f"({plugin_dir / 'pft_testfilters.py'}, line ") in line
+    assert "Traceback" not in output
 
 
 def test_list_filters_names_each_plugin_and_its_file(tmp_path):
