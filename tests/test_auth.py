@@ -294,6 +294,27 @@ def test_digest_md5_with_urllib(auth_proxy, origin, tmp_path):
     assert no_proxy_authorization(origin)
 
 
+def test_digest_both_algorithms_with_urllib_needs_md5_first(auth_proxy, origin, tmp_path):
+    """
+    docs/filters/auth.rst: with SHA-256 and MD5 both offered, urllib's
+    ProxyDigestAuthHandler reads only the first challenge, so before Python
+    3.14 the default order (SHA-256 first) makes it raise ValueError and
+    nothing reaches the origin; ``digest_algorithms = ["MD5", "SHA-256"]``
+    lets it in.
+    """
+    write_htdigest(tmp_path / "users.htdigest", ("MD5", "carol", "secret"), ("SHA-256", "carol", "secret"))
+    handler = urllib.request.ProxyDigestAuthHandler
+    if sys.version_info < (3, 14):
+        proxy = auth_proxy(digest_file="users.htdigest")
+        with pytest.raises(ValueError, match="Unsupported digest authentication algorithm 'SHA-256'"):
+            urllib_get(proxy, origin.url("/default"), handler, origin.url("/"), "carol", "secret")
+        assert origin.requests == []
+    proxy = auth_proxy(digest_file="users.htdigest", digest_algorithms=["MD5", "SHA-256"])
+    assert urllib_get(proxy, origin.url("/md5-first"), handler, origin.url("/"), "carol", "secret") \
+        == (200, b"hello", "carol")
+    assert [r.target for r in origin.requests] == ["/md5-first"]
+
+
 def digest_authorization(challenge: str, method: str, uri: str, nc: int, password: str = "secret") -> str:
     """The Proxy-Authorization a client computes for *challenge* (RFC 7616 §3.4.1, qop=auth)."""
     p = params_of(challenge)
