@@ -333,18 +333,22 @@ def twistd_command() -> list[str]:
 class ProxyProcess:
     """
     ``twistd -n proxyframe --config FILE`` as a subprocess, using this
-    working tree's code.  Its output lines are collected in :attr:`lines`.
+    working tree's code (or, with *twistd* and ``pythonpath=None``, an
+    installed one).  Its output lines are collected in :attr:`lines`.
     """
 
     def __init__(self, config_text: str, tmp: Path, extra_args: list[str] = (),
-                 pythonpath: str = str(REPO)) -> None:
+                 pythonpath: str | None = str(REPO), twistd: list[str] | None = None) -> None:
         self.config_path = tmp / f"proxyframe-{id(self)}.toml"
         self.config_path.write_text(config_text)
-        env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["PYTHONUNBUFFERED"] = "1"
+        if pythonpath is not None:  # None: an installed proxyframe, no PYTHONPATH at all
+            env["PYTHONPATH"] = pythonpath
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            twistd_command() + ["-n", "--pidfile=", "proxyframe", "--config", str(self.config_path),
-                                *extra_args],
+            (twistd or twistd_command()) + ["-n", "--pidfile=", "proxyframe", "--config", str(self.config_path),
+                                            *extra_args],
             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self._listening = threading.Event()

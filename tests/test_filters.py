@@ -1,8 +1,9 @@
 """
-The filter chain through a real proxy: discovery (drop-in files, an
-installed third-party distribution, a broken module), ordering (request
-phase in config order, response phase in reverse), short-circuit answers,
-asynchronous hooks, and failures confined to one exchange.
+The filter chain through a real proxy: discovery (drop-in files, a broken
+module; installed third-party distributions are in test_packaging.py),
+ordering (request phase in config order, response phase in reverse),
+short-circuit answers, asynchronous hooks, response_body and re-framing,
+replacement responses, and failures confined to one exchange.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import http.client
 import json
 import os
 import subprocess
-import sys
-import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -361,11 +359,11 @@ def test_bad_filter_options_stop_the_start(tmp_path, plugin_dir):
     assert "Traceback" not in output
 
 
-def list_filters(tmp_path: Path, text: str, pythonpath: str = str(REPO)) -> str:
+def list_filters(tmp_path: Path, text: str) -> str:
     path = tmp_path / "list.toml"
     path.write_text(text)
     out = subprocess.run(twistd_command() + ["proxyframe", "--config", str(path), "--list-filters"],
-                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=pythonpath),
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout + out.stderr
@@ -430,74 +428,6 @@ def test_list_filters_names_each_plugin_and_its_file(tmp_path):
     output = list_filters(tmp_path, config(REPO / "plugins", []))
     assert "header-rewrite" in output
     assert str(REPO / "plugins" / "pf_header_rewrite.py") in output
-
-
-THIRD_PARTY_MODULE = '''
-from twisted.plugin import IPlugin
-from zope.interface import implementer
-from proxyframe.filters import Filter
-from proxyframe.interfaces import IFilterFactory
-
-
-class Stamp(Filter):
-    def request_received(self, exchange):
-        exchange.request.headers.add(b"X-Third-Party", b"installed")
-
-
-@implementer(IPlugin, IFilterFactory)
-class StampFactory:
-    name = "third-party-stamp"
-    description = "Stamps requests (an installed third-party distribution)"
-
-    def build(self, options, context):
-        return Stamp()
-
-
-stamp = StampFactory()
-'''
-
-
-@pytest.mark.slow
-def test_installed_third_party_distribution_is_found(tmp_path, run_proxy, origin):
-    """
-    A separately built and installed distribution that ships a module in
-    proxyframe/plugins/ (a namespace portion, no __init__.py) is found with
-    no change to proxyframe.
-    """
-    src = tmp_path / "src"
-    (src / "proxyframe" / "plugins").mkdir(parents=True)
-    (src / "proxyframe" / "plugins" / "pfx_stamp.py").write_text(THIRD_PARTY_MODULE)
-    (src / "pyproject.toml").write_text(textwrap.dedent('''
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "proxyframe-stamp"
-        version = "1.0"
-        [tool.setuptools]
-        packages = ["proxyframe.plugins"]
-    '''))
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(src)],
-                   check=True, capture_output=True, timeout=300)
-    (wheel,) = wheels.glob("*.whl")
-    assert "proxyframe/plugins/pfx_stamp.py" in zipfile.ZipFile(wheel).namelist()
-    assert "proxyframe/plugins/__init__.py" not in zipfile.ZipFile(wheel).namelist()
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
-    text = 'listen = ["tcp:0:interface=127.0.0.1"]\n[[filter]]\nuse = "third-party-stamp"\n'
-    pythonpath = f"{REPO}{os.pathsep}{site}"
-    output = list_filters(tmp_path, text, pythonpath)
-    assert str(site / "proxyframe" / "plugins" / "pfx_stamp.py") in output
-    proxy = ProxyProcess(text, tmp_path, pythonpath=pythonpath)
-    try:
-        resp, _ = get(proxy, origin.url("/"))
-    finally:
-        proxy.stop()
-    assert resp.status == 200
-    (seen,) = origin.requests
-    assert seen.header("X-Third-Party") == "installed"
 
 
 def test_plugin_guide_example_works(run_proxy, origin):

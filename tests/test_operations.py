@@ -1,8 +1,9 @@
 """
 Operating the proxy: the access log, timeouts for slow heads and idle
 keep-alive connections, graceful shutdown on SIGTERM/SIGINT, config and
-listener errors at start (a clear line, never a traceback), repeated
-``--listen``, and the wheel carrying the ``twistd`` dropin.
+listener errors at start (a clear line, never a traceback), and repeated
+``--listen``.  The wheel and its ``twistd`` dropin are in
+test_packaging.py.
 """
 
 from __future__ import annotations
@@ -10,14 +11,11 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import zipfile
 
 import pytest
 
@@ -360,56 +358,3 @@ def test_listener_that_cannot_open_stops_the_process(tmp_path, busy_port, listen
     assert "Traceback" not in result.stdout, result.stdout
     (line,) = [line for line in result.stdout.splitlines() if "cannot listen" in line]
     assert listen[-1].format(busy=busy_port) in line and reason in line, line
-
-
-# -- packaging ---------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_wheel_carries_dropin_that_installed_twistd_finds(tmp_path):
-    """
-    ``pip wheel`` of the project gives a wheel with every proxyframe module
-    and ``twisted/plugins/proxyframe_dropin.py``, without Twisted's own
-    ``__init__.py`` files; installed into a fresh venv it makes
-    ``twistd proxyframe`` available outside the source tree.
-    """
-    src, dist, venv = tmp_path / "src", tmp_path / "dist", tmp_path / "venv"
-    # A clean copy, so the build leaves nothing in the working tree.
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "dropin.cache", ".venv"))
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, src, cwd=tmp_path, timeout=300)
-    (wheel,) = dist.glob("proxyframe-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "proxyframe").rglob("*.py")}
-    assert modules and modules <= names, modules - names
-    assert "twisted/plugins/proxyframe_dropin.py" in names
-    assert not {"twisted/__init__.py", "twisted/plugins/__init__.py"} & names
-
-    # A fresh venv that shares nothing with this one (which may have
-    # proxyframe installed): the wheel's own dependencies from the package
-    # index, then the wheel.  Everything runs outside the tree: in the
-    # repository, "import twisted" would find its twisted/plugins.
-    _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
-    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
-    requirements = [line.split(":", 1)[1].strip()
-                    for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
-                    if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    _run(python, "-m", "pip", "install", "-q", *requirements, cwd=tmp_path, timeout=600)
-    command = [python, "-c", "from twisted.scripts.twistd import run; run()", "proxyframe", "--help"]
-    before = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60)
-    assert "Unknown command: proxyframe" in before.stdout + before.stderr, before.stdout + before.stderr
-    _run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
-    after = subprocess.run(command, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60)
-    assert after.returncode == 0, after.stdout + after.stderr
-    assert "--config" in after.stdout and "--listen" in after.stdout
-
-
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-
-
-def _run(*command, cwd, timeout: float = 120) -> str:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env=_clean_env())
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
