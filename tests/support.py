@@ -337,18 +337,20 @@ class ProxyProcess:
     installed one).  Its output lines are collected in :attr:`lines`.
     """
 
-    def __init__(self, config_text: str, tmp: Path, extra_args: list[str] = (),
+    def __init__(self, config_text: str | None, tmp: Path, extra_args: list[str] = (),
                  pythonpath: str | None = str(REPO), twistd: list[str] | None = None) -> None:
-        self.config_path = tmp / f"proxyframe-{id(self)}.toml"
-        self.config_path.write_text(config_text)
+        config_args = []
+        if config_text is not None:  # None: no --config, the built-in defaults
+            self.config_path = tmp / f"proxyframe-{id(self)}.toml"
+            self.config_path.write_text(config_text)
+            config_args = ["--config", str(self.config_path)]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["PYTHONUNBUFFERED"] = "1"
         if pythonpath is not None:  # None: an installed proxyframe, no PYTHONPATH at all
             env["PYTHONPATH"] = pythonpath
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            (twistd or twistd_command()) + ["-n", "--pidfile=", "proxyframe", "--config", str(self.config_path),
-                                            *extra_args],
+            (twistd or twistd_command()) + ["-n", "--pidfile=", "proxyframe", *config_args, *extra_args],
             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self._listening = threading.Event()

@@ -158,6 +158,66 @@ def test_default_is_squid_format_on_stdout(start, origin):
     assert [entry for entry in proxy.lines if re.match(r"\d+\.\d{3} ", entry)] == [line]
 
 
+def test_no_config_at_all_relays_loopback_and_logs_squid_lines(origin, tmp_path):
+    """
+    ``twistd -n proxyframe`` with no --config (only ``--listen``): the
+    default chain, loopback-only acl then accesslog, relays a request from
+    127.0.0.1 and logs it on stdout in Squid's native format, once.
+    """
+    proxy = ProxyProcess(None, tmp_path, ["--listen", "tcp:0:interface=127.0.0.1"])
+    try:
+        url = origin.url("/bytes/100?seed=9")
+        before = time.time()
+        conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=TIMEOUT)
+        conn.request("GET", url)
+        assert conn.getresponse().read() == body_bytes(100, seed=9)
+        after = time.time()
+        conn.close()
+        line = proxy.wait_for_line(r"^\d+\.\d{3} ")
+    finally:
+        proxy.stop()
+    assert [r.target for r in origin.requests] == ["/bytes/100?seed=9"]
+    check_squid(line, before, after, f"TCP_MISS/200 100 GET {url} - HIER_DIRECT/127.0.0.1 -")
+    assert proxy.access_lines() == [line]
+
+
+def non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this host that is not loopback (the route's source; no packet is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_no_config_at_all_refuses_other_clients(origin, tmp_path):
+    """
+    With no --config the default chain's acl serves loopback clients only:
+    a client from another address of this host gets 403 (and its Squid
+    line says TCP_DENIED), and nothing reaches the origin.
+    """
+    address = non_loopback_ipv4()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address")
+    proxy = ProxyProcess(None, tmp_path, ["--listen", f"tcp:0:interface={address}"])
+    try:
+        url = origin.url("/")
+        conn = http.client.HTTPConnection(address, proxy.port, timeout=TIMEOUT)
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        line = proxy.wait_for_line(r"^\d+\.\d{3} ")
+    finally:
+        proxy.stop()
+    assert resp.status == 403
+    assert origin.requests == []
+    assert re.fullmatch(rf"\d+\.\d{{3}} +\d+ {re.escape(address)} TCP_DENIED/403 {len(body)} GET {re.escape(url)} - "
+                        r"HIER_NONE/- text/\S+", line), line
+
+
 def _gone(pid: int) -> bool:
     """Whether process *pid* has exited (a zombie waiting for init counts as gone)."""
     try:
