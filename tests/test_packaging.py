@@ -13,6 +13,7 @@ Each wheel is built once per session; the tests that use them are
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
@@ -123,8 +124,6 @@ def listed(output: str) -> dict[str, str]:
 
 def relay_one(proxy: ProxyProcess, origin) -> None:
     """One GET through *proxy*: the origin sees the stamp and the access log has its line."""
-    import http.client
-
     conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
     conn.request("GET", origin.url("/stamped"))
     resp = conn.getresponse()
