@@ -138,10 +138,16 @@ class Config:
 
     :ivar listen: Twisted server endpoint strings (``tcp:8080:interface=
         127.0.0.1``, ``tcp6:8080:interface=\\:\\:1``); the proxy accepts on
-        each of them.
+        each of them (with ``workers`` > 1, only ``tcp:`` and
+        ``tcp6:`` endpoints).
     :ivar connect_ports: destination ports a CONNECT tunnel may be opened
         to; any other port gets 403 (RFC 9110 §9.3.6 advises limiting them).
     :ivar via: the pseudonym this proxy adds to ``Via`` (RFC 9110 §7.6.3).
+    :ivar workers: how many processes serve the listening sockets: ``1``
+        is one process and no supervisor; ``N`` > 1 is a supervisor that
+        opens the sockets and runs N worker processes sharing them
+        (:mod:`proxyframe.workers`); ``0`` (the default) is one worker per
+        core (:func:`os.cpu_count`).  Negative is a :class:`ConfigError`.
     :ivar plugin_paths: directories whose ``.py`` files are searched for
         filter plugins, besides installed ones (relative to the config
         file's directory).
@@ -155,6 +161,7 @@ class Config:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     connect_ports: tuple[int, ...] = (443,)
     via: str = "proxyframe"
+    workers: int = 0
     plugin_paths: tuple[str, ...] = ()
     filters: tuple[FilterEntry, ...] = DEFAULT_FILTERS
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -291,6 +298,8 @@ def _check(config: Config, where: str) -> None:
         for f in dataclasses.fields(getattr(config, section)):
             if getattr(getattr(config, section), f.name) <= 0:
                 raise ConfigError(f"{where}{section}.{f.name} must be greater than 0")
+    if config.workers < 0:
+        raise ConfigError(f"{where}workers must be 0 (one per core) or more, not {config.workers}")
     if not _TOKEN.fullmatch(config.via):
         raise ConfigError(f"{where}via must be a token (ASCII letters, digits and !#$%&'*+-.^_`|~), "
                           f"not {config.via!r}")
