@@ -7,24 +7,38 @@ Twisted server endpoint strings; ``--list-filters`` prints the filter
 plugins found and where each comes from, then exits.  A bad config, or a
 filter that is not found or refuses its options, is reported as a usage
 error naming the file and key, never with a traceback.
+
+``makeService`` returns a :class:`ProxyService` (one process serving) for
+``workers = 1``, and otherwise a :class:`WorkersService`: a supervisor that
+opens the listening sockets and runs that many worker processes on them
+(:mod:`proxyframe.workers`, :mod:`proxyframe.worker`).  With workers, each
+process has its own memory: its own memory cache store, cache and access
+log counters, and upstream pool; the Redis cache store is the one they
+share.  The options still build the filter chain once in this process, so
+that a bad filter option is a usage error before anything starts; the
+supervisor does not use that chain.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python import usage
 
 from proxyframe.chain import Chain, build_chain, find_filter_factories, plugin_origin
 from proxyframe.config import Config, ConfigError, load_config
 from proxyframe.protocol.server import ProxyFactory
+from proxyframe.workers import Workers
 
-__all__ = ["Options", "ProxyService", "makeService"]
+__all__ = ["Options", "ProxyService", "WorkersService", "makeService", "worker_count"]
 
 
 class Options(usage.Options):
@@ -77,44 +91,54 @@ class Options(usage.Options):
         sys.exit(0)
 
 
-class ProxyService(Service):
+class _ListeningService(Service):
     """
-    Listens on every configured endpoint with one :class:`ProxyFactory`.
-
-    Stopping it (SIGTERM, SIGINT) stops accepting at once, lets exchanges
-    in progress finish for up to ``timeouts.shutdown_grace`` seconds, then
-    aborts what is left.  A listener that cannot be opened stops the
-    process with exit status 1 and a one-line reason.
+    Opens every configured endpoint with :attr:`factory`.  A listener that
+    cannot be opened stops the process with exit status 1 and a one-line
+    reason, so a proxy never runs on only some of its listeners.
     """
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor=None, chain: Chain | None = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, config: Config, reactor, factory) -> None:
         self.config = config
         self.reactor = reactor
-        self.factory = ProxyFactory(config, reactor, chain)
+        self.factory = factory
         self._ports: list = []
+        self._failed = False
 
     def startService(self) -> None:
         super().startService()
+        listening = []
         for description in self.config.listen:
             try:
                 endpoint = serverFromString(self.reactor, description)
             except (ValueError, TypeError, KeyError) as e:
                 self._cannot_listen(description, f"not a valid endpoint: {e}")
                 return
+            why = self._unusable(endpoint)
+            if why is not None:
+                self._cannot_listen(description, why)
+                return
             d = endpoint.listen(self.factory)
             d.addCallbacks(self._listening, lambda f, desc=description: self._cannot_listen(desc, f.getErrorMessage()))
+            listening.append(d)
+        gatherResults(listening).addCallback(lambda _: None if self._failed else self._all_listening())
+
+    def _unusable(self, endpoint) -> str | None:
+        """:returns: why *endpoint* cannot be used here, or ``None``."""
+        return None
 
     def _listening(self, port) -> None:
         self._ports.append(port)
         address = port.getHost()
-        self.factory.listening_on(address)
         self._log.info("proxyframe listening on {host}:{port}", host=address.host, port=address.port)
 
+    def _all_listening(self) -> None:
+        """Called once every endpoint listens."""
+
     def _cannot_listen(self, description: str, why: str) -> None:
+        self._failed = True
         self._log.error("proxyframe cannot listen on {endpoint}: {why}", endpoint=description, why=why)
         self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         if self.reactor.running:
@@ -122,14 +146,136 @@ class ProxyService(Service):
         else:
             self.reactor.callWhenRunning(self.reactor.stop)
 
+    def _stop_listening(self) -> Deferred:
+        ports, self._ports = self._ports, []
+        return DeferredList([maybeDeferred(port.stopListening) for port in ports])
+
+
+class ProxyService(_ListeningService):
+    """
+    Listens on every configured endpoint with one :class:`ProxyFactory`
+    (``workers = 1``).
+
+    Stopping it (SIGTERM, SIGINT) stops accepting at once, lets exchanges
+    in progress finish for up to ``timeouts.shutdown_grace`` seconds, then
+    aborts what is left.  A listener that cannot be opened stops the
+    process with exit status 1 and a one-line reason.
+    """
+
+    def __init__(self, config: Config, reactor=None, chain: Chain | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        super().__init__(config, reactor, ProxyFactory(config, reactor, chain))
+
+    def _listening(self, port) -> None:
+        self.factory.listening_on(port.getHost())
+        super()._listening(port)
+
     def stopService(self):
         super().stopService()
-        ports, self._ports = self._ports, []
-        d = DeferredList([port.stopListening() for port in ports])
+        d = self._stop_listening()
         d.addCallback(lambda _: self.factory.shutdown(self.config.timeouts.shutdown_grace))
         return d
 
 
-def makeService(options: Options) -> ProxyService:
-    """The twistd entry point: a :class:`ProxyService` from the options."""
-    return ProxyService(options["proxy_config"], chain=options["proxy_chain"])
+class _SharedSockets(ServerFactory):
+    """
+    The factory of the supervisor's listening ports, which never accept: the
+    workers do.
+    """
+
+    noisy = False
+
+    def logPrefix(self) -> str:
+        return "proxyframe (sockets for the workers)"
+
+
+class WorkersService(_ListeningService):
+    """
+    The supervisor of ``workers = N`` (N > 1): it opens every configured
+    endpoint once, never accepts on them itself, and runs N worker
+    processes (:class:`proxyframe.workers.Workers`) that accept on them.
+
+    Only ``tcp:`` and ``tcp6:`` endpoints can be shared; any other stops the
+    process at start like a listener that cannot be opened.  SIGHUP is
+    passed on to every worker (after any handler that was there before,
+    such as the access log's in this process).  Stopping it (SIGTERM,
+    SIGINT) closes its sockets and stops the workers gracefully; the
+    ``Deferred`` it returns fires when every worker has exited.
+
+    :param count: the number of workers (``int``, more than 1).
+    """
+
+    def __init__(self, config: Config, count: int, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        super().__init__(config, reactor, _SharedSockets())
+        self.count = count
+        # Now, before twistd changes directory (--rundir): the workers start later.
+        self._config_path = os.path.abspath(config.source) if config.source is not None else None
+        self.workers: Workers | None = None
+        self._previous_sighup = None
+
+    def _unusable(self, endpoint) -> str | None:
+        if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+            return None
+        return (f"workers = {self.count} can share only tcp: and tcp6: endpoints "
+                "(set workers = 1 to use this one)")
+
+    def _listening(self, port) -> None:
+        port.stopReading()  # at once, before the reactor could accept on it
+        # Closing the port must only close this process's descriptor: a
+        # shutdown() would stop the workers accepting too.  Twisted skips it
+        # for the ports it adopts, the way the workers get theirs.
+        port._shouldShutdown = False
+        super()._listening(port)
+
+    def _all_listening(self) -> None:
+        self.workers = Workers(self.count, [port.fileno() for port in self._ports], self._config_path,
+                               self.config.timeouts.shutdown_grace, self.reactor)
+        self.workers.start()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.getsignal(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self, signum: int, frame) -> None:
+        # Between two bytecodes of the main thread: only schedule.
+        self.reactor.callFromThread(self._forward_sighup)
+        if callable(self._previous_sighup):
+            self._previous_sighup(signum, frame)
+
+    def _forward_sighup(self) -> None:
+        self._log.info("SIGHUP: passing it on to the workers (pids {pids})",
+                       pids=", ".join(map(str, self.workers.pids)))
+        self.workers.signal_all("HUP")
+
+    def stopService(self):
+        super().stopService()
+        if signal.getsignal(signal.SIGHUP) == self._on_sighup:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+        stopped = [self._stop_listening()]
+        if self.workers is not None:
+            stopped.append(self.workers.stop())
+        return DeferredList(stopped)
+
+
+def worker_count(config: Config) -> int:
+    """
+    :returns: how many processes serve with *config*: ``config.workers``,
+        or for 0 the number of cores (:func:`os.cpu_count`, 1 when unknown).
+    """
+    return config.workers or os.cpu_count() or 1
+
+
+def makeService(options: Options) -> ProxyService | WorkersService:
+    """
+    The twistd entry point: a :class:`ProxyService` for one process, or a
+    :class:`WorkersService` for several (``workers``, :func:`worker_count`).
+    The supervisor does not use the chain the options built (each worker
+    builds its own); building it checked the filters' options.
+    """
+    config = options["proxy_config"]
+    count = worker_count(config)
+    if count > 1:
+        return WorkersService(config, count)
+    return ProxyService(config, chain=options["proxy_chain"])
