@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,6 +336,11 @@ class ProxyProcess:
     ``twistd -n proxyframe --config FILE`` as a subprocess, using this
     working tree's code (or, with *twistd* and ``pythonpath=None``, an
     installed one).  Its output lines are collected in :attr:`lines`.
+
+    A *config_text* that does not set ``workers`` gets ``workers = 1``, so
+    that :attr:`pid` is the one process that serves (its RSS, its signals);
+    with ``None`` (no config file at all) the default applies: one worker
+    per core under a supervisor.
     """
 
     def __init__(self, config_text: str | None, tmp: Path, extra_args: list[str] = (),
@@ -342,7 +348,7 @@ class ProxyProcess:
         config_args = []
         if config_text is not None:  # None: no --config, the built-in defaults
             self.config_path = tmp / f"proxyframe-{id(self)}.toml"
-            self.config_path.write_text(config_text)
+            self.config_path.write_text(_one_worker_unless_set(config_text))
             config_args = ["--config", str(self.config_path)]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["PYTHONUNBUFFERED"] = "1"
@@ -419,6 +425,20 @@ class ProxyProcess:
         self._reader.join(10)
         if not self._reader.is_alive():
             self.proc.stdout.close()
+
+
+def _one_worker_unless_set(config_text: str) -> str:
+    """
+    *config_text* with ``workers = 1`` in front (a top-level key, valid
+    before anything), unless it sets ``workers`` itself or is not TOML (a
+    test of the error then sees its text unchanged).
+    """
+    try:
+        if "workers" in tomllib.loads(config_text):
+            return config_text
+    except tomllib.TOMLDecodeError:
+        return config_text
+    return "workers = 1\n" + config_text
 
 
 def proxy_config(**sections) -> str:
