@@ -230,10 +230,17 @@ FORMATS: dict[str, Callable[[], Callable]] = {
 
 # -- the writer --------------------------------------------------------------------------
 
+#: Seconds the writer thread waits after a write for more lines to gather:
+#: under load it writes about this often, instead of waking (and taking the
+#: GIL from the reactor thread) once a line.
+FLUSH_INTERVAL = 0.05
+
+
 class _Writer:
     """
     Lines in, written by a thread of its own: the reactor thread only
-    appends to a list (under a lock the thread holds just to swap lists).
+    appends to a list (under a lock the thread holds just to swap lists),
+    and wakes the thread only when the list was empty.
 
     :ivar dropped: lines lost so far (buffer full, or a failed write).
     """
@@ -256,9 +263,10 @@ class _Writer:
             if self._size + len(line) > self._max or self._closing:
                 self.dropped += 1
                 return
+            if not self._lines:
+                self._cond.notify()
             self._lines.append(line)
             self._size += len(line)
-            self._cond.notify()
         if self._thread is None:
             self._start()
 
@@ -292,6 +300,8 @@ class _Writer:
             self._report_drops()
             if closing and not lines:
                 return
+            if not closing:
+                time.sleep(FLUSH_INTERVAL)
 
     def _reopen_file(self) -> None:
         try:
