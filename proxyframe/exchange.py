@@ -50,7 +50,7 @@ class Headers:
             or *default* when the field is absent.  Use :meth:`get_all` for
             ``Set-Cookie``, whose values must not be joined.
         """
-        values = self._lookup().get(name.lower())
+        values = (self._index or self._lookup()).get(name.lower())
         if values is None:
             return default
         return values[0] if len(values) == 1 else b", ".join(values)
@@ -81,7 +81,9 @@ class Headers:
         Append a field line (after any existing ones of that name).
         """
         self._fields.append((name, value))
-        self._index = None
+        index = self._index
+        if index is not None:
+            index.setdefault(name.lower(), []).append(value)
 
     def set(self, name: bytes, value: bytes) -> None:
         """
@@ -101,7 +103,8 @@ class Headers:
         if not placed:
             out.append((name, value))
         self._fields = out
-        self._index = None
+        if self._index is not None:
+            self._index[lname] = [value]
 
     def remove(self, *names: bytes) -> None:
         """
@@ -115,10 +118,12 @@ class Headers:
         fast form of :meth:`remove` for precomputed sets.
         """
         index = self._lookup()
-        if not any(n in index for n in lower_names):
+        present = [n for n in lower_names if n in index]
+        if not present:
             return
         self._fields = [p for p in self._fields if p[0].lower() not in lower_names]
-        self._index = None
+        for name in present:
+            del index[name]
 
     def encode(self) -> bytes:
         """

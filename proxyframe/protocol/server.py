@@ -39,6 +39,7 @@ from proxyframe.http1 import (
     parse_request_head,
     request_body_reader,
 )
+from proxyframe.protocol.sending import write, write_sequence
 from proxyframe.protocol.tunnel import Tunnel, TunnelUpstream
 from proxyframe.protocol.upstream import UpstreamConnection, UpstreamPool, connect_error
 
@@ -87,6 +88,10 @@ class ProxyServer(Protocol):
         self._scanned = 0
         self._pause_bits = 0
         self._timer = None
+        # Closes the connection when no request came for timeouts.client_idle
+        # seconds: armed once, pushed back after each exchange (a reset,
+        # not a new timer), and a no-op when it fires while one is running.
+        self._idle_timer = None
         self._client = ""
         self._client_host = ""
         self._chain: Chain = factory.chain
@@ -102,6 +107,9 @@ class ProxyServer(Protocol):
         self._reader: BodyReader | None = None
         self._early = b""
         self._head_bytes = b""
+        # A response head not yet written: it goes out with the first body
+        # bytes, or at the end of the upstream read that brought it.
+        self._head_out = b""
         self._keep_alive = True
         self._response_started = False
         self._phase_pending = False
@@ -120,12 +128,12 @@ class ProxyServer(Protocol):
         self._client = f"{peer.host}:{peer.port}"
         self.factory.connection_made(self, self.transport.getHost())
         self.transport.setTcpNoDelay(True)
-        self._set_timer(self.factory.config.timeouts.client_idle, self._idle_timeout)
+        self._arm_idle_timer()
 
     def connectionLost(self, reason) -> None:
         state = self._state
         self._state = _CLOSED
-        self._cancel_timer()
+        self._cancel_timers()
         if self._upstream is not None:
             upstream, self._upstream = self._upstream, None
             upstream.abort()
@@ -459,7 +467,7 @@ class ProxyServer(Protocol):
     def interim_response(self, response: Response) -> None:
         """Relay a 1xx to HTTP/1.1 clients (RFC 9110 §15.2)."""
         if self.exchange.request.version == b"1.1":
-            self.transport.write(response_head_for_client(response, self.factory.via, []))
+            write(self.transport, response_head_for_client(response, self.factory.via, []))
 
     def response_head(self, response: Response, reader: BodyReader | None) -> None:
         exchange = self.exchange
@@ -499,6 +507,7 @@ class ProxyServer(Protocol):
             else:
                 self.response_complete(item[0])
                 return
+        self.flush()
         if conn is not None and conn.handler is self:
             conn.resumeProducing()
 
@@ -520,7 +529,7 @@ class ProxyServer(Protocol):
             framing.append((b"Connection", b"close"))
         elif self.exchange.request.version == b"1.0":
             framing.append((b"Connection", b"keep-alive"))
-        self.transport.write(response_head_for_client(response, self.factory.via, framing))
+        self._head_out = response_head_for_client(response, self.factory.via, framing)
         if has_body and self._upstream is not None:
             self._producer = self._upstream
             self.transport.registerProducer(self._producer, True)
@@ -538,10 +547,26 @@ class ProxyServer(Protocol):
             if not data:
                 return
         self.exchange.bytes_sent += len(data)
+        head, self._head_out = self._head_out, b""
         if self._chunk_out:
-            self.transport.writeSequence(encode_chunk(data))
+            pieces = encode_chunk(data)
+            if head:
+                pieces.insert(0, head)
+            write_sequence(self.transport, pieces)
+        elif head:
+            write_sequence(self.transport, [head, data])
         else:
-            self.transport.write(data)
+            write(self.transport, data)
+
+    def flush(self) -> None:
+        """
+        The upstream read that brought a response head is processed: write
+        the head if no body bytes took it along (one write per read, not
+        one per piece).
+        """
+        head, self._head_out = self._head_out, b""
+        if head:
+            write(self.transport, head)
 
     def response_complete(self, trailers: Headers | None) -> None:
         if self._held is not None:
@@ -553,12 +578,16 @@ class ProxyServer(Protocol):
         # before the last write, which could otherwise pause it there (the
         # next exchange on it would then never read its response).
         self._unregister_producer()
+        end = b""
         if self._chunk_out:
             if trailers is not None and len(trailers):
                 trailers.discard(HOP_BY_HOP)
-                self.transport.write(b"0\r\n" + trailers.encode() + b"\r\n")
+                end = b"0\r\n" + trailers.encode() + b"\r\n"
             else:
-                self.transport.write(LAST_CHUNK)
+                end = LAST_CHUNK
+        head, self._head_out = self._head_out, b""
+        if head or end:
+            write(self.transport, head + end)
         self._upstream = None
         if self._state == _BODY:
             # The origin answered before the whole request body came; where
@@ -568,6 +597,11 @@ class ProxyServer(Protocol):
 
     def upstream_failed(self, error: ProxyError, conn: UpstreamConnection) -> None:
         self._upstream = None
+        if self._head_out:
+            # The head never left: the client can still get an error page.
+            self._head_out = b""
+            self._response_started = False
+            self._unregister_producer()
         if self._response_started:
             # The status is on the wire already.  With a Content-Length or
             # chunked body, a close short of the end tells the client it is
@@ -641,7 +675,7 @@ class ProxyServer(Protocol):
         if request is not None and request.method == b"HEAD":
             body = b""
         framing = [] if self._keep_alive else [(b"Connection", b"close")]
-        self.transport.write(response_head_for_client(response, None, framing) + body)
+        write(self.transport, response_head_for_client(response, None, framing) + body)
         exchange.bytes_sent = len(body)
         self._end_exchange()
 
@@ -667,7 +701,7 @@ class ProxyServer(Protocol):
             # A call per pipelined request; bounded by PIPELINE_BUFFER.
             self._reactor.callLater(0, self._pipelined, pending)
         else:
-            self._set_timer(self.factory.config.timeouts.client_idle, self._idle_timeout)
+            self._arm_idle_timer()
 
     def _pipelined(self, pending: bytes) -> None:
         if self._state == _HEAD:
@@ -677,7 +711,7 @@ class ProxyServer(Protocol):
 
     def _close_after_response(self) -> None:
         self._state = _CLOSED
-        self._cancel_timer()
+        self._cancel_timers()
         if self._upstream is not None:
             upstream, self._upstream = self._upstream, None
             upstream.abort()
@@ -759,9 +793,25 @@ class ProxyServer(Protocol):
                 self._timer.cancel()
             self._timer = None
 
+    def _cancel_timers(self) -> None:
+        """The connection is closing: no timer of it may fire any more."""
+        self._cancel_timer()
+        if self._idle_timer is not None:
+            if self._idle_timer.active():
+                self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _arm_idle_timer(self) -> None:
+        timer = self._idle_timer
+        if timer is not None and timer.active():
+            timer.reset(self.factory.config.timeouts.client_idle)
+        else:
+            self._idle_timer = self._reactor.callLater(self.factory.config.timeouts.client_idle, self._idle_timeout)
+
     def _idle_timeout(self) -> None:
-        self._timer = None
-        self.transport.loseConnection()
+        self._idle_timer = None
+        if self.exchange is None and self._state == _HEAD and not self._buf:
+            self.transport.loseConnection()
 
     def _header_timeout(self) -> None:
         """RFC 9110 §15.5.9: the head did not arrive in time."""

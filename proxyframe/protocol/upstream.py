@@ -26,6 +26,7 @@ from zope.interface import implementer
 from proxyframe.errorpage import ProxyError
 from proxyframe.exchange import Headers, Response
 from proxyframe.http1 import BodyReader, ProtocolError, parse_response_head, response_body_reader
+from proxyframe.protocol.sending import write, write_sequence
 
 if TYPE_CHECKING:
     from proxyframe.config import Config
@@ -43,6 +44,7 @@ class ResponseHandler(TypingProtocol):
     def response_head(self, response: Response, reader: BodyReader | None) -> None: ...
     def response_data(self, data: bytes) -> None: ...
     def response_complete(self, trailers: Headers | None) -> None: ...
+    def flush(self) -> None: ...
     def upstream_failed(self, error: ProxyError, conn: UpstreamConnection) -> None: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
@@ -116,21 +118,26 @@ class UpstreamConnection(Protocol):
         self.got_response_bytes = False
         self.request_body_done = not has_body
         self.transport.registerProducer(handler, True)
-        self.transport.write(head)
-        self._timer = self.pool.reactor.callLater(self.pool.response_timeout, self._timed_out)
+        write(self.transport, head)
+        # One timer for the connection's life, pushed back for each exchange.
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(self.pool.response_timeout)
+        else:
+            self._timer = self.pool.reactor.callLater(self.pool.response_timeout, self._timed_out)
 
     def write(self, data: bytes) -> None:
         """
         Send request body bytes (already framed for this hop).  While the
         body flows, the response timeout counts from the last write.
         """
-        self.transport.write(data)
+        write(self.transport, data)
         if self._timer is not None:
             self._timer.reset(self.pool.response_timeout)
 
     def write_sequence(self, data: list[bytes]) -> None:
         """Send request body pieces without joining them (see :meth:`write`)."""
-        self.transport.writeSequence(data)
+        write_sequence(self.transport, data)
         if self._timer is not None:
             self._timer.reset(self.pool.response_timeout)
 
@@ -160,11 +167,10 @@ class UpstreamConnection(Protocol):
             self.abort()
 
     def _detach(self) -> ResponseHandler | None:
+        # The response timer stays armed: it is a no-op without a handler,
+        # and the next exchange pushes it back instead of making a new one.
         handler = self.handler
         self.handler = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         if handler is not None:
             self.transport.unregisterProducer()
         return handler
@@ -198,6 +204,8 @@ class UpstreamConnection(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        if self.handler is None:
+            return
         host = f"{self.key[0]}:{self.key[1]}"
         if self._state == _HEAD:
             self._fail(ProxyError(504, "http_response_timeout",
@@ -283,8 +291,13 @@ class UpstreamConnection(Protocol):
             self._state = _BODY
             if rest:
                 self.dataReceived(rest)
+            if self.handler is not None:
+                self.handler.flush()
 
     def connectionLost(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         self.pool.discard(self)
         state = self._state
         self._state = _DONE
@@ -362,8 +375,11 @@ class UpstreamPool:
         self._max_per_origin = config.upstream.max_idle_per_origin
         self._max_idle = config.upstream.max_idle
         self._idle: dict[OriginKey, list[UpstreamConnection]] = {}
-        # Every idle connection, oldest first, with its idle timer.
-        self._timers: OrderedDict[UpstreamConnection, object] = OrderedDict()
+        # Every idle connection, oldest first, with when it became idle
+        # (reactor seconds); one timer closes those idle too long, rather
+        # than a timer per release.
+        self._since: OrderedDict[UpstreamConnection, float] = OrderedDict()
+        self._sweeper = None
 
     def take(self, key: OriginKey) -> UpstreamConnection | None:
         """
@@ -375,7 +391,7 @@ class UpstreamPool:
             conn = conns.pop()
             if not conns:
                 del self._idle[key]
-            self._timers.pop(conn).cancel()
+            del self._since[conn]
             # One closing but not yet reported lost is no use.
             if conn.transport.connected and not conn.transport.disconnecting:
                 conn.reused = True
@@ -409,26 +425,33 @@ class UpstreamPool:
         if len(conns) >= self._max_per_origin:
             conn.transport.loseConnection()
             return
-        if len(self._timers) >= self._max_idle:
-            oldest = next(iter(self._timers))
+        if len(self._since) >= self._max_idle:
+            oldest = next(iter(self._since))
             self.discard(oldest)
             oldest.transport.loseConnection()
         conns.append(conn)
-        self._timers[conn] = self.reactor.callLater(self._idle_timeout, self._expire, conn)
+        self._since[conn] = self.reactor.seconds()
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(self._idle_timeout, self._sweep)
 
-    def _expire(self, conn: UpstreamConnection) -> None:
-        self.discard(conn)
-        conn.transport.loseConnection()
+    def _sweep(self) -> None:
+        """Close the connections idle for ``timeouts.upstream_idle`` seconds; wait for the next one."""
+        self._sweeper = None
+        now = self.reactor.seconds()
+        while self._since:
+            conn, since = next(iter(self._since.items()))
+            if now - since < self._idle_timeout:
+                self._sweeper = self.reactor.callLater(since + self._idle_timeout - now, self._sweep)
+                return
+            self.discard(conn)
+            conn.transport.loseConnection()
 
     def discard(self, conn: UpstreamConnection) -> None:
         """
         Forget *conn* if it is idle here (it closed or misbehaved).
         """
-        timer = self._timers.pop(conn, None)
-        if timer is None:
+        if self._since.pop(conn, None) is None:
             return
-        if timer.active():
-            timer.cancel()
         conns = self._idle.get(conn.key)
         if conns is not None and conn in conns:
             conns.remove(conn)
@@ -437,6 +460,9 @@ class UpstreamPool:
 
     def close_idle(self) -> None:
         """Close every idle connection (at shutdown)."""
-        for conn in list(self._timers):
+        for conn in list(self._since):
             self.discard(conn)
             conn.transport.loseConnection()
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
