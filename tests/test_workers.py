@@ -43,7 +43,7 @@ SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 
 def access_pattern(port: int) -> str:
     """A whole access line (Squid format) for GET /n/<i> from the origin on *port*; group 1 is i."""
-    return (r"\d+\.\d{3} +\d+ 127\.0\.0\.1 TCP_MISS/200 5 GET http://127\.0\.0\.1:%d/n/(\d+) "
+    return (r"\d+\.\d{3} +\d+ 127\.0\.0\.1 TCP_MISS/200 5 GET http://127\.0\.0\.1:%d/n/(\d+)(?:\?p=x+)? "
             r"- HIER_DIRECT/127\.0\.0\.1 text/plain" % port)
 
 
@@ -170,13 +170,15 @@ def test_two_workers_are_children_of_the_proxy_and_each_serves(start_proxy, orig
 
 def test_access_lines_of_concurrent_workers_stay_whole(start_proxy, origin):
     """
-    200 exchanges from 8 clients at once, spread over two workers that
-    write to the same standard output: exactly one whole access line each,
-    none cut or interleaved with another.
+    600 exchanges with 1 KB targets from 8 clients at once, spread over
+    two workers that write batches of lines (larger than a pipe's atomic
+    write) to the same standard output: exactly one whole access line
+    each, none cut or interleaved with another.
     """
     proxy = start_proxy(workers=2)
     serving(proxy, 2)
-    numbers = iter(range(200))
+    numbers = iter(range(600))
+    query = "?p=" + "x" * 1000
     lock = threading.Lock()
     errors = []
 
@@ -188,7 +190,7 @@ def test_access_lines_of_concurrent_workers_stay_whole(start_proxy, origin):
             if i is None:
                 break
             try:
-                conn.request("GET", origin.url(f"/n/{i}"))
+                conn.request("GET", origin.url(f"/n/{i}{query}"))
                 resp = conn.getresponse()
                 if (resp.status, resp.read()) != (200, b"hello"):
                     errors.append(i)
@@ -203,9 +205,9 @@ def test_access_lines_of_concurrent_workers_stay_whole(start_proxy, origin):
     for thread in threads:
         thread.join(TIMEOUT)
     assert errors == []
-    wait_until(lambda: len(proxy.access_lines()) >= 200, TIMEOUT, "200 access lines")
+    wait_until(lambda: len(proxy.access_lines()) >= 600, TIMEOUT, "600 access lines")
     proxy.stop()
-    assert sorted(access_numbers(proxy.lines, origin.port)) == list(range(200))
+    assert sorted(access_numbers(proxy.lines, origin.port)) == list(range(600))
 
 
 def test_killed_worker_is_restarted_and_serves(start_proxy, origin):

@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -293,8 +295,7 @@ class _Writer:
             if reopen:
                 self._reopen_file()
             try:
-                self._file.write(b"".join(lines))
-                self._file.flush()
+                self._write_lines(lines)
             except OSError as e:
                 self._lost(len(lines), e)
             self._report_drops()
@@ -302,6 +303,30 @@ class _Writer:
                 return
             if not closing:
                 time.sleep(FLUSH_INTERVAL)
+
+    def _write_lines(self, lines: list[bytes]) -> None:
+        """
+        Write *lines* whole: to a pipe or a terminal in writes of at most
+        PIPE_BUF bytes that end at a line's end, which the kernel keeps in
+        one piece when several processes (workers) share the pipe; to a
+        file in one write per batch (appends are not interleaved).
+        """
+        limit = select.PIPE_BUF if not stat.S_ISREG(os.fstat(self._file.fileno()).st_mode) else 1 << 20
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > limit:
+                self._write_all(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write_all(b"".join(chunk))
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view):]
 
     def _reopen_file(self) -> None:
         try:
@@ -340,7 +365,7 @@ class _Writer:
 
 
 def _open_stdout():
-    return open(1, "wb", closefd=False)
+    return open(1, "wb", buffering=0, closefd=False)
 
 
 def _stdout_discarded() -> bool:
@@ -352,7 +377,7 @@ def _stdout_discarded() -> bool:
 
 
 def _opener(path: Path) -> Callable:
-    return lambda: open(path, "ab")
+    return lambda: open(path, "ab", buffering=0)
 
 
 # -- the filter --------------------------------------------------------------------------
