@@ -59,10 +59,18 @@ class Headers:
         """
         :returns: every value of the field, in order (empty if absent).
         """
-        return list(self._lookup().get(name.lower(), ()))
+        return list((self._index or self._lookup()).get(name.lower(), ()))
 
     def __contains__(self, name: bytes) -> bool:
-        return name.lower() in self._lookup()
+        return name.lower() in (self._index or self._lookup())
+
+    def has_any(self, lower_names: frozenset[bytes]) -> bool:
+        """
+        :param lower_names: lowercased field names.
+        :returns: whether any of them is present (one set operation, for
+            hot paths that look for several rare fields at once).
+        """
+        return not lower_names.isdisjoint(self._index or self._lookup())
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         return iter(self._fields)

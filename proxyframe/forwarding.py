@@ -8,6 +8,7 @@ directions, so they cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -48,6 +49,7 @@ _REG_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-_.]*[A-Za-z0-9_])?\.?")
 _ABSOLUTE = re.compile(rb"(?i:http)://([^/?#@]+)([/?][^#]*)?")
 
 
+@functools.lru_cache(maxsize=1024)
 def _split_authority(authority: bytes, default_port: int | None) -> tuple[str, int]:
     """
     Split ``host[:port]`` (RFC 3986 §3.2) into a host for endpoints (IPv6

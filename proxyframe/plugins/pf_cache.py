@@ -97,6 +97,10 @@ _NOTE = "cache"
 _INVALIDATES = "invalidates"
 #: Statuses in place of which a stale response may be served (RFC 5861 §4).
 _ERROR_STATUSES = frozenset({500, 502, 503, 504})
+#: Preconditions only the origin server can evaluate (RFC 9110 §13.1.1, §13.1.4).
+_ORIGIN_PRECONDITIONS = frozenset({b"if-match", b"if-unmodified-since"})
+#: The client's own preconditions the cache evaluates (RFC 9110 §13.2.2).
+_ANSWERED_PRECONDITIONS = frozenset({b"if-none-match", b"if-modified-since"})
 #: Request fields a cache revalidation sends in its own way, or not at all.
 _NOT_FOR_VALIDATION = HOP_BY_HOP | {b"if-none-match", b"if-modified-since", b"range", b"if-range",
                                     b"proxy-authorization", b"host", b"content-length"}
@@ -244,7 +248,7 @@ class Cache(Filter):
             return self._miss(exchange, state)
         age = entry.age(self._clock())
         decision = reuse(state.request_cc, state.no_cache, entry, age)
-        if b"if-match" in request.headers or b"if-unmodified-since" in request.headers:
+        if request.headers.has_any(_ORIGIN_PRECONDITIONS):
             # Preconditions for the origin server to judge.
             decision, state.forwarded = None, b"request"
         if decision == USE:
@@ -328,8 +332,7 @@ class Cache(Filter):
             fields = [(n, v) for n, v in fields if n.lower() not in hidden]
         preconditions = state.client_preconditions if state.client_preconditions is not None else request.headers
         status, reason, body = entry.status, entry.reason, entry.body
-        if 200 <= entry.status < 300 \
-                and (b"if-none-match" in preconditions or b"if-modified-since" in preconditions) \
+        if preconditions.has_any(_ANSWERED_PRECONDITIONS) and 200 <= entry.status < 300 \
                 and not_modified(preconditions, entry.fields()):
             fields = [(n, v) for n, v in fields if n.lower() in NOT_MODIFIED_FIELDS]
             status, reason, body = 304, b"Not Modified", b""
@@ -337,13 +340,11 @@ class Cache(Filter):
                 state.squid_code = "TCP_INM_HIT" if b"if-none-match" in preconditions else "TCP_IMS_HIT"
         elif entry.status == 200 and b"range" in request.headers:
             fields, status, reason, body = self._range(request.headers, entry, fields)
-        headers = Headers(fields)
-        headers.set(b"Age", b"%d" % age)
         ttl = int(entry.lifetime - age)
-        headers.add(b"Cache-Status", self._status(state, b"hit; ttl=%d%s" % (ttl, forwarded)))
-        if status == 304:
-            headers.remove(b"Content-Length")
-        return Response(status, reason, headers, body=body)
+        # Stored fields carry no Age (RFC 9111 §5.1: it is the age now).
+        fields = fields + [(b"Age", b"%d" % age),
+                           (b"Cache-Status", self._status(state, b"hit; ttl=%d%s" % (ttl, forwarded)))]
+        return Response(status, reason, Headers(fields), body=body)
 
     @staticmethod
     def _range(request_headers: Headers, entry: Entry, fields: list) -> tuple:
@@ -472,8 +473,9 @@ class Cache(Filter):
             headers.add(b"Date", formatdate(now, usegmt=True).encode("ascii"))
         directives, use_expires = response_policy(headers, self._targeted)
         lifetime = freshness_lifetime(status, headers, directives, use_expires, now, *self._heuristic)
-        return Entry(status, reason, list(headers), body, request_time, now,
-                     initial_age(headers, request_time, now), lifetime, directives, vary)
+        kept = [(n, v) for n, v in headers if n.lower() != b"age"]
+        return Entry(status, reason, kept, body, request_time, now, initial_age(headers, request_time, now),
+                     lifetime, directives, vary)
 
     def exchange_done(self, exchange) -> None:
         state = exchange.notes.get(_NOTE)
