@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -30,6 +31,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.protocol import ServerFactory
+from twisted.internet.tcp import Port
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -120,7 +122,7 @@ class _ListeningService(Service):
             if why is not None:
                 self._cannot_listen(description, why)
                 return
-            d = endpoint.listen(self.factory)
+            d = self._open(endpoint)
             d.addCallbacks(self._listening, lambda f, desc=description: self._cannot_listen(desc, f.getErrorMessage()))
             listening.append(d)
         gatherResults(listening).addCallback(lambda _: None if self._failed else self._all_listening())
@@ -128,6 +130,10 @@ class _ListeningService(Service):
     def _unusable(self, endpoint) -> str | None:
         """:returns: why *endpoint* cannot be used here, or ``None``."""
         return None
+
+    def _open(self, endpoint) -> Deferred:
+        """Listen on *endpoint*: :returns: a ``Deferred`` firing with the listening port."""
+        return endpoint.listen(self.factory)
 
     def _listening(self, port) -> None:
         self._ports.append(port)
@@ -190,11 +196,27 @@ class _SharedSockets(ServerFactory):
         return "proxyframe (sockets for the workers)"
 
 
+class _ReusePort(Port):
+    """
+    A TCP port with ``SO_REUSEPORT``: several such ports bound to one
+    address form a group among which the kernel spreads new connections
+    evenly.  With one shared socket instead, the worker that happens to
+    wake first accepts a whole burst of connections (Twisted accepts up to
+    100 per wake-up), and keep-alive clients then stay on it.
+    """
+
+    def createInternetSocket(self):
+        sock = super().createInternetSocket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
+
+
 class WorkersService(_ListeningService):
     """
-    The supervisor of ``workers = N`` (N > 1): it opens every configured
-    endpoint once, never accepts on them itself, and runs N worker
-    processes (:class:`proxyframe.workers.Workers`) that accept on them.
+    The supervisor of ``workers = N`` (N > 1): for every configured
+    endpoint it opens N ``SO_REUSEPORT`` sockets on its address, never
+    accepts on them itself, and runs N worker processes
+    (:class:`proxyframe.workers.Workers`), each accepting on its own.
 
     Only ``tcp:`` and ``tcp6:`` endpoints can be shared; any other stops the
     process at start like a listener that cannot be opened.  SIGHUP is
@@ -214,6 +236,8 @@ class WorkersService(_ListeningService):
         # Now, before twistd changes directory (--rundir): the workers start later.
         self._config_path = os.path.abspath(config.source) if config.source is not None else None
         self.workers: Workers | None = None
+        # Per endpoint, in config order: one port per worker.
+        self._groups: list[list[Port]] = []
         self._previous_sighup = None
 
     def _unusable(self, endpoint) -> str | None:
@@ -222,17 +246,44 @@ class WorkersService(_ListeningService):
         return (f"workers = {self.count} can share only tcp: and tcp6: endpoints "
                 "(set workers = 1 to use this one)")
 
-    def _listening(self, port) -> None:
-        port.stopReading()  # at once, before the reactor could accept on it
-        # Closing the port must only close this process's descriptor: a
-        # shutdown() would stop the workers accepting too.  Twisted skips it
-        # for the ports it adopts, the way the workers get theirs.
-        port._shouldShutdown = False
-        super()._listening(port)
+    def _open(self, endpoint) -> Deferred:
+        """
+        One ``SO_REUSEPORT`` socket per worker on *endpoint*'s address (the
+        first decides the port when the endpoint says 0); none of them is
+        read here.  :returns: a ``Deferred`` firing with the list of ports.
+        """
+        def open_all() -> list[Port]:
+            ports: list[Port] = []
+            number = endpoint._port
+            try:
+                for _ in range(self.count):
+                    port = _ReusePort(number, self.factory, endpoint._backlog, endpoint._interface, self.reactor)
+                    port.startListening()
+                    port.stopReading()  # at once, before the reactor could accept on it
+                    # Closing the port must only close this process's
+                    # descriptor: a shutdown() would stop the worker
+                    # accepting too.  Twisted skips it for the ports it
+                    # adopts, the way the workers get theirs.
+                    port._shouldShutdown = False
+                    ports.append(port)
+                    number = port.getHost().port
+            except Exception:
+                for port in ports:
+                    port.stopListening()
+                raise
+            return ports
+        return maybeDeferred(open_all)
+
+    def _listening(self, ports) -> None:
+        self._groups.append(ports)
+        self._ports.extend(ports[1:])
+        super()._listening(ports[0])
 
     def _all_listening(self) -> None:
-        self.workers = Workers(self.count, [port.fileno() for port in self._ports], self._config_path,
-                               self.config.timeouts.shutdown_grace, self.reactor)
+        # Worker i gets socket i of every endpoint.
+        sockets = [[group[i].fileno() for group in self._groups] for i in range(self.count)]
+        self.workers = Workers(self.count, sockets, self._config_path, self.config.timeouts.shutdown_grace,
+                               self.reactor)
         self.workers.start()
         if threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.getsignal(signal.SIGHUP)

@@ -16,7 +16,8 @@ Each worker gets, as file descriptors:
   line, :func:`proxyframe.worker.format_event`) and logs each event again,
   at its level, as ``worker N: ...`` in namespace ``proxyframe.worker``:
   on standard output with ``twistd -n``, in twistd's log file as a daemon.
-- 3 and up: the listening sockets, in the order given.
+- 3 and up: its listening sockets, one per endpoint in config order (each
+  worker has its own ``SO_REUSEPORT`` socket on every endpoint's address).
 
 Every worker is a separate process with its own memory: each has its own
 filter instances (the memory cache store, the cache's and the access log's
@@ -118,11 +119,12 @@ class _Worker(ProcessProtocol):
 
 class Workers:
     """
-    N worker processes serving the same listening sockets.
+    N worker processes, each serving on its own listening sockets.
 
     :param count: how many workers (``int``, at least 1).
-    :param sockets: the listening sockets' file descriptors (``list[int]``),
-        open in this process; each worker adopts them all.
+    :param sockets: per worker, the listening sockets' file descriptors
+        (``list[list[int]]``, open in this process): worker *i* adopts
+        ``sockets[i]``, and a restarted worker the same ones again.
     :param config_path: the config file the workers read, or ``None`` for
         the built-in defaults.
     :param grace: ``timeouts.shutdown_grace`` (seconds): how long a worker
@@ -130,7 +132,8 @@ class Workers:
     :param reactor: an ``IReactorProcess`` and ``IReactorTime`` provider.
     """
 
-    def __init__(self, count: int, sockets: list[int], config_path: str | None, grace: float, reactor) -> None:
+    def __init__(self, count: int, sockets: list[list[int]], config_path: str | None, grace: float,
+                 reactor) -> None:
         self._slots = [_Worker(self, n) for n in range(1, count + 1)]
         self._sockets = sockets
         self._config_path = config_path
@@ -151,12 +154,13 @@ class Workers:
 
     def _spawn(self, slot: _Worker) -> None:
         slot.restart_timer = None
+        sockets = self._sockets[slot.number - 1]
         args = [sys.executable, "-m", "proxyframe.worker", "--number", str(slot.number),
-                "--sockets", ",".join(str(3 + i) for i in range(len(self._sockets)))]
+                "--sockets", ",".join(str(3 + i) for i in range(len(sockets)))]
         if self._config_path is not None:
             args += ["--config", self._config_path]
         child_fds = {0: "w", 1: 1, 2: "r"}
-        child_fds.update({3 + i: fd for i, fd in enumerate(self._sockets)})
+        child_fds.update({3 + i: fd for i, fd in enumerate(sockets)})
         slot.started = self._reactor.seconds()
         try:
             self._reactor.spawnProcess(slot, sys.executable, args, env=os.environ, childFDs=child_fds)

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -85,17 +84,6 @@ def children(pid: int) -> set[int]:
     return found
 
 
-@contextmanager
-def frozen(pid: int):
-    """SIGSTOP *pid* for the block (waiting until it is stopped), then SIGCONT."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        wait_until(lambda: stat_fields(pid)[0] == "T", TIMEOUT, f"pid {pid} to stop")
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 def get(port: int, url: str) -> tuple[int, bytes, str | None]:
     """GET *url* through the proxy on a new connection; (status, body, Connection)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
@@ -107,10 +95,58 @@ def get(port: int, url: str) -> tuple[int, bytes, str | None]:
         conn.close()
 
 
-def get_each(proxy: ProxyProcess, origin, numbers) -> None:
-    """GET /n/<i> for each i, each on its own connection; every answer is the origin's."""
-    for i in numbers:
-        assert get(proxy.port, origin.url(f"/n/{i}"))[:2] == (200, b"hello")
+def accepted_by(port: int, client_port: int, pids) -> int | None:
+    """
+    Which of *pids* accepted the connection from *client_port* to the
+    proxy's *port* (the one whose file descriptors hold the server side's
+    socket, found by its inode in /proc/net/tcp), or ``None`` (not yet).
+    """
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)) == (port, client_port):
+                    inode = fields[9]
+    if inode in (None, "0"):
+        return None
+    for pid in pids:
+        if f"socket:[{inode}]" in open_fds(pid):
+            return pid
+    return None
+
+
+def connection_to(port: int, pid: int, pids) -> http.client.HTTPConnection:
+    """
+    A connection to the proxy that worker *pid* accepted.  Each worker
+    accepts on its own SO_REUSEPORT socket and the kernel picks the socket
+    by a hash of the connection's addresses, so new connections are made
+    until one lands on *pid*.
+    """
+    for _ in range(64):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        conn.connect()
+        client_port = conn.sock.getsockname()[1]
+        deadline = time.monotonic() + 2
+        owner = None
+        while owner is None and time.monotonic() < deadline:
+            owner = accepted_by(port, client_port, pids)
+            time.sleep(0.01)
+        if owner == pid:
+            return conn
+        conn.close()
+    raise AssertionError(f"no connection landed on worker pid {pid}")
+
+
+def get_from(port: int, pid: int, pids, url: str) -> tuple[int, bytes]:
+    """GET *url* on a connection worker *pid* accepted; (status, body)."""
+    conn = connection_to(port, pid, pids)
+    try:
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def access_numbers(lines: list[str], port: int) -> list[int]:
@@ -141,27 +177,24 @@ def open_fds(pid: int) -> set[str]:
 
 def test_two_workers_are_children_of_the_proxy_and_each_serves(start_proxy, origin):
     """
-    ``workers = 2``: the proxy logs one "listening on" line (its socket,
-    opened once) and two worker processes, its children, each serve on it:
-    with either one frozen, the other answers every new connection.  The
-    access lines of both reach the proxy's standard output, one whole line
-    per exchange.  SIGHUP, passed on to workers with no log file to
-    reopen, kills none: each still serves after it.
+    ``workers = 2``: the proxy logs one "listening on" line and two worker
+    processes, its children, each serve: connections land on both, and each
+    answers those it accepted.  The access lines of both reach the proxy's
+    standard output, one whole line per exchange.  SIGHUP, passed on to
+    workers with no log file to reopen, kills none: each still serves
+    after it.
     """
     proxy = start_proxy(workers=2)
     pids = serving(proxy, 2)
-    assert children(proxy.pid) == set(pids.values())
+    workers = list(pids.values())
+    assert children(proxy.pid) == set(workers)
     assert sum("proxyframe listening on" in line for line in proxy.lines) == 1
-    with frozen(pids[1]):
-        get_each(proxy, origin, range(5))
-    with frozen(pids[2]):
-        get_each(proxy, origin, range(5, 10))
+    for i in range(10):
+        assert get_from(proxy.port, workers[i % 2], workers, origin.url(f"/n/{i}")) == (200, b"hello")
     os.kill(proxy.pid, signal.SIGHUP)
     proxy.wait_for_line(r"SIGHUP: passing it on to the workers")
-    with frozen(pids[1]):
-        get_each(proxy, origin, [10])
-    with frozen(pids[2]):
-        get_each(proxy, origin, [11])
+    for i in (10, 11):
+        assert get_from(proxy.port, workers[i % 2], workers, origin.url(f"/n/{i}")) == (200, b"hello")
     wait_until(lambda: len(proxy.access_lines()) == 12, TIMEOUT, "12 access lines")
     assert sorted(access_numbers(proxy.lines, origin.port)) == list(range(12))
     assert children(proxy.pid) == set(pids.values())
@@ -214,7 +247,7 @@ def test_killed_worker_is_restarted_and_serves(start_proxy, origin):
     """
     A worker killed with SIGKILL is logged with its signal and started again
     after the 1 s restart delay, as a new child of the proxy; the new one
-    serves (alone, with the other frozen).
+    serves, on the same listening socket as the one killed.
     """
     proxy = start_proxy(workers=2)
     pids = serving(proxy, 2)
@@ -226,8 +259,8 @@ def test_killed_worker_is_restarted_and_serves(start_proxy, origin):
     assert time.monotonic() - killed >= 1.0
     new = serving(proxy, 2)
     assert children(proxy.pid) == {new[1], pids[2]}
-    with frozen(pids[2]):
-        get_each(proxy, origin, range(3))
+    for i in range(3):
+        assert get_from(proxy.port, new[1], [new[1], pids[2]], origin.url(f"/n/{i}")) == (200, b"hello")
     wait_until(lambda: len(proxy.access_lines()) == 3, TIMEOUT, "3 access lines")
 
 
@@ -241,20 +274,17 @@ def test_sighup_reopens_the_access_log_in_every_worker(start_proxy, origin, tmp_
     log, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
     proxy = start_proxy(workers=2, filter=[{"use": "accesslog", "path": str(log)}])
     pids = serving(proxy, 2)
-    with frozen(pids[1]):
-        get_each(proxy, origin, [0])
-    with frozen(pids[2]):
-        get_each(proxy, origin, [1])
+    workers = list(pids.values())
+    for i in (0, 1):
+        assert get_from(proxy.port, workers[i], workers, origin.url(f"/n/{i}")) == (200, b"hello")
     wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 2, TIMEOUT, "2 lines in the log")
     log.rename(rotated)
     os.kill(proxy.pid, signal.SIGHUP)
     for pid in pids.values():
         wait_until(lambda pid=pid: str(log) in open_fds(pid) and str(rotated) not in open_fds(pid), TIMEOUT,
                    f"worker pid {pid} to reopen the log")
-    with frozen(pids[1]):
-        get_each(proxy, origin, [2])
-    with frozen(pids[2]):
-        get_each(proxy, origin, [3])
+    for i in (2, 3):
+        assert get_from(proxy.port, workers[i % 2], workers, origin.url(f"/n/{i}")) == (200, b"hello")
     proxy.stop()
     assert sorted(access_numbers(rotated.read_text().splitlines(), origin.port)) == [0, 1]
     assert sorted(access_numbers(log.read_text().splitlines(), origin.port)) == [2, 3]
@@ -329,10 +359,9 @@ def test_daemonized_workers_log_to_twistd_log_file(origin, tmp_path):
         assert children(pid) == set(pids.values())
         for worker in pids.values():
             assert os.readlink(f"/proc/{worker}/fd/1") == os.devnull
-        with frozen(pids[1]):
-            assert get(port, origin.url("/n/1"))[:2] == (200, b"hello")
-        with frozen(pids[2]):
-            assert get(port, origin.url("/n/2"))[:2] == (200, b"hello")
+        workers = list(pids.values())
+        assert get_from(port, pids[2], workers, origin.url("/n/1")) == (200, b"hello")
+        assert get_from(port, pids[1], workers, origin.url("/n/2")) == (200, b"hello")
         access = re.compile(r"\[proxyframe\.worker#info\] worker (\d): \[proxyframe\.accesslog#info\] ("
                             + access_pattern(origin.port) + ")$", re.MULTILINE)
         wait_until(lambda: len(access.findall(log_text())) == 2, TIMEOUT, "2 access lines in the log file")
@@ -439,12 +468,13 @@ def test_workers_get_their_sockets_stdout_and_a_watch_pipe():
     the supervisor's death.
     """
     clock = ProcessClock()
-    Workers(2, [7, 9], "/etc/proxyframe.toml", 10.0, clock).start()
-    (_, args, fds, _), (_, args2, _, _) = clock.spawned
+    Workers(2, [[7, 9], [8, 10]], "/etc/proxyframe.toml", 10.0, clock).start()
+    (_, args, fds, _), (_, args2, fds2, _) = clock.spawned
     assert args[1:] == ["-m", "proxyframe.worker", "--number", "1", "--sockets", "3,4",
                         "--config", "/etc/proxyframe.toml"]
     assert args2[4] == "2"
     assert fds == {0: "w", 1: 1, 2: "r", 3: 7, 4: 9}
+    assert fds2 == {0: "w", 1: 1, 2: "r", 3: 8, 4: 10}
 
 
 def test_restart_delay_doubles_while_a_worker_keeps_dying_early():
@@ -454,7 +484,7 @@ def test_restart_delay_doubles_while_a_worker_keeps_dying_early():
     1 s again.
     """
     clock = ProcessClock()
-    workers = Workers(1, [3], None, 10.0, clock)
+    workers = Workers(1, [[3]], None, 10.0, clock)
     workers.start()
     delays = []
     for run in [0.5] * 7 + [10.0, 0.5]:
@@ -478,7 +508,7 @@ def test_worker_that_cannot_be_started_is_tried_again_later():
     clock = ProcessClock()
     clock.failures = 2
     with capturedLogs() as events:
-        Workers(1, [3], None, 10.0, clock).start()
+        Workers(1, [[3]], None, 10.0, clock).start()
         clock.advance(1.0)
         assert clock.spawned == []
         clock.advance(2.0)
@@ -493,7 +523,7 @@ def test_stop_terminates_every_worker_and_kills_the_stubborn():
     SIGKILL.
     """
     clock = ProcessClock()
-    workers = Workers(2, [3], None, 10.0, clock)
+    workers = Workers(2, [[3], [4]], None, 10.0, clock)
     workers.start()
     processes = [spawn[3] for spawn in clock.spawned]
     stopped = []
@@ -513,7 +543,7 @@ def test_stop_terminates_every_worker_and_kills_the_stubborn():
 def test_stop_cancels_a_pending_restart():
     """A worker waiting for its restart delay when the stop comes is not started again."""
     clock = ProcessClock()
-    workers = Workers(1, [3], None, 10.0, clock)
+    workers = Workers(1, [[3]], None, 10.0, clock)
     workers.start()
     end(clock, 0, ProcessTerminated(signal=9))
     stopped = []
@@ -532,7 +562,7 @@ def test_worker_log_lines_are_logged_again_at_their_level():
     error.
     """
     clock = ProcessClock()
-    Workers(1, [3], None, 10.0, clock).start()
+    Workers(1, [[3]], None, 10.0, clock).start()
     protocol = clock.spawned[0][0]
     lines = (format_event({"log_level": LogLevel.warn, "log_namespace": "ns", "log_format": "two\nlines \\ {x}",
                            "x": 1}) + format_event({"log_level": LogLevel.info, "log_namespace": "ns",
