@@ -17,6 +17,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from proxyframe.protocol.sending import write
+
 __all__ = ["Tunnel", "TunnelUpstream"]
 
 
@@ -46,11 +48,11 @@ class Tunnel:
 
     def from_client(self, data: bytes) -> None:
         self.bytes_up += len(data)
-        self.upstream.write(data)
+        write(self.upstream, data)
 
     def from_upstream(self, data: bytes) -> None:
         self.bytes_down += len(data)
-        self.client.write(data)
+        write(self.client, data)
 
     def client_eof(self) -> None:
         """The client will send no more: pass the end on upstream."""
