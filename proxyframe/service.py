@@ -38,6 +38,7 @@ from twisted.python import usage
 from proxyframe.chain import Chain, build_chain, find_filter_factories, plugin_origin
 from proxyframe.config import Config, ConfigError, load_config
 from proxyframe.protocol.server import ProxyFactory
+from proxyframe.reactor import install_unless_chosen
 from proxyframe.workers import Workers
 
 __all__ = ["Options", "ProxyService", "WorkersService", "makeService", "worker_count"]
@@ -73,6 +74,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if self["listen"]:
             config = config.replace(listen=tuple(self["listen"]))
+        install_unless_chosen()
         from twisted.internet import reactor
         try:
             if self["list-filters"]:

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from proxyframe.config import ConfigError, load_config
 from proxyframe.protocol.server import ProxyFactory
+from proxyframe.reactor import install_unless_chosen
 
 __all__ = ["format_event", "main"]
 
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     # must not kill a worker that has no file to reopen.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stderr, format_event)])
+    install_unless_chosen()
     from twisted.internet import reactor
     try:
         factory = ProxyFactory(load_config(args.config), reactor)

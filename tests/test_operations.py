@@ -20,7 +20,7 @@ import time
 import pytest
 
 from flowtools import TIMEOUT
-from support import REPO, ProxyProcess, twistd_command, wait_until
+from support import REPO, ProxyProcess, proxy_config, twistd_command, wait_until
 
 ACCESS = r"^\d+\.\d{3} +\d+ "
 LISTENING = re.compile(r"proxyframe listening on 127\.0\.0\.1:(\d+)")
@@ -358,3 +358,23 @@ def test_listener_that_cannot_open_stops_the_process(tmp_path, busy_port, listen
     assert "Traceback" not in result.stdout, result.stdout
     (line,) = [line for line in result.stdout.splitlines() if "cannot listen" in line]
     assert listen[-1].format(busy=busy_port) in line and reason in line, line
+
+
+def test_twistd_runs_on_the_proxy_reactor_unless_told_otherwise(start_proxy, origin, tmp_path):
+    """
+    ``twistd proxyframe`` installs proxyframe.reactor.ProxyReactor (events
+    dispatched without log.callWithLogger); ``twistd --reactor=poll``
+    keeps the reactor it was told.  Both relay.
+    """
+    default = start_proxy()
+    assert any("reactor class: proxyframe.reactor.ProxyReactor." in line for line in default.lines)
+    chosen = ProxyProcess(proxy_config(), tmp_path, twistd=twistd_command() + ["--reactor=poll"])
+    try:
+        assert any("reactor class: twisted.internet.pollreactor.PollReactor." in line for line in chosen.lines)
+        for proxy in (default, chosen):
+            conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=TIMEOUT)
+            conn.request("GET", origin.url("/r"))
+            assert conn.getresponse().read() == b"hello"
+            conn.close()
+    finally:
+        chosen.stop()
