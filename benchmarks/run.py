@@ -384,6 +384,77 @@ class RssSampler:
         return self.peak - self.baseline
 
 
+def others_cpu() -> float:
+    """CPU seconds used by everything on the machine that this run did not
+    start, so far: the sum of utime + stime + cutime + cstime over every
+    process outside this process's tree (kernel threads left out; a child
+    that exits moves its time into its parent's cutime, so the sum only
+    grows by CPU actually used), plus the steal time of /proc/stat (CPU the
+    hypervisor gave to other machines)."""
+    ours = set(tree_pids(os.getpid()))
+    ticks = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in ours or name == "2":
+            continue
+        try:
+            fields = _stat_fields(int(name))
+            if fields[1] != b"2":  # children of kthreadd are kernel threads
+                ticks += sum(int(x) for x in fields[11:15])
+        except (OSError, ValueError, IndexError):
+            continue
+    with open("/proc/stat") as f:
+        cpu = f.readline().split()
+    steal = int(cpu[8]) if len(cpu) > 8 else 0
+    return (ticks + steal) / CLK_TCK
+
+
+class Foreign:
+    """Measures the CPU that other users of the machine (processes this run
+    did not start, other virtual machines) take during a window, in % of
+    the whole machine (every core: 100 %)."""
+
+    def __init__(self) -> None:
+        self.others = others_cpu()
+        self.start = time.monotonic()
+
+    def percent(self) -> float:
+        """Foreign CPU since the window opened, % of the machine."""
+        foreign = others_cpu() - self.others
+        wall = time.monotonic() - self.start
+        return max(0.0, foreign) / (wall * (os.cpu_count() or 1)) * 100
+
+
+def wait_quiet(args) -> float:
+    """Wait (1 s probes, up to args.wait_quiet s) until other processes use
+    less than args.max_foreign % of the machine; return the last probe."""
+    deadline = time.monotonic() + args.wait_quiet
+    while True:
+        window = Foreign()
+        time.sleep(1.0)
+        busy = window.percent()
+        if busy < args.max_foreign or time.monotonic() >= deadline:
+            return busy
+
+
+def quietly(args, label: str, measurement):
+    """Run measurement() (after wait_quiet); while other processes took
+    more than args.max_foreign % of the machine meanwhile, run it again, up
+    to args.retries times.  Returns (the result of the quietest attempt,
+    its foreign CPU %, the number of attempts discarded)."""
+    attempts = []
+    for _ in range(args.retries + 1):
+        wait_quiet(args)
+        window = Foreign()
+        result = measurement()
+        attempts.append((window.percent(), result))
+        if attempts[-1][0] <= args.max_foreign:
+            break
+        log("%s: other processes took %.0f%% of the machine meanwhile"
+            % (label, attempts[-1][0]))
+    busy, result = min(attempts, key=lambda attempt: attempt[0])
+    return result, busy, len(attempts) - 1
+
+
 # --------------------------------------------------------------------------
 # origin and proxies
 
@@ -1168,7 +1239,7 @@ def new_result() -> dict:
     """
     return {"rps": [], "requests": 0, "connect": 0, "read": 0, "write": 0,
             "timeout": 0, "status": 0, "origin": [], "cpu10k": [],
-            "cpu_share": [],
+            "cpu_share": [], "noise": [], "dl_noise": [], "discarded": 0,
             "mbps": [], "downloads": 0, "growth": [],
             "tunnel_mbps": [], "tunnels": 0, "tunnel_growth": [],
             "idle_rss": [], "conns_rss": [], "conns_ok": [],
@@ -1202,10 +1273,15 @@ def mib(values: list, pick=median) -> str:
     return fmt(pick(values) / MIB) if values else "-"
 
 
-SMALL_ROW = "%-11s %10s %9s %10s %18s %11s %10s"
-BIG_ROW = "%-11s %10s %9s %9s %11s %9s %9s"
+SMALL_ROW = "%-11s %10s %9s %10s %18s %11s %10s %8s"
+BIG_ROW = "%-11s %10s %9s %9s %11s %9s %9s %8s"
 IDLE_ROW = "%-11s %9s %15s %9s %10s %10s"
-CACHE_ROW = "%-18s %10s %9s %18s %18s %11s %10s"
+CACHE_ROW = "%-18s %10s %9s %18s %18s %11s %10s %8s"
+
+
+def noise_text(values: list) -> str:
+    """The largest foreign CPU % of the kept measurements, or '-'."""
+    return "%.0f" % max(values) if values else "-"
 
 
 def errors_text(res: dict) -> str:
@@ -1246,13 +1322,15 @@ def print_small(relay: dict, results: dict) -> None:
     print("(a) small: wrk for %s (1 KiB, keep-alive); CPU: the proxy's "
           "process tree" % SMALL_PATH)
     print(SMALL_ROW % ("target", "small r/s", "requests", "origin/req",
-                       "sock err c/r/w/t", "non-2xx/3xx", "CPU s/10k"))
+                       "sock err c/r/w/t", "non-2xx/3xx", "CPU s/10k",
+                       "noise %"))
     for name, res in relay.items():
         print(SMALL_ROW % (name, fmt(median(res["rps"])), res["requests"],
                            fmt(sum(res["origin"]) / res["requests"], 3)
                            if res["requests"] else "-",
                            errors_text(res), res["status"],
-                           fmt(median(res["cpu10k"]), 2)))
+                           fmt(median(res["cpu10k"]), 2),
+                           noise_text(res["noise"])))
     print("r/s, CPU: medians over rounds; requests, errors: totals over all "
           "rounds;")
     print("origin/req: origin requests / wrk requests, totals (~1: every "
@@ -1286,14 +1364,15 @@ def print_big(relay: dict, results: dict, args) -> None:
     print("(b) large: curl 64 MiB over HTTP; (d) tunnel: the same over TLS "
           "through CONNECT; %d of each per round" % args.large_n)
     print(BIG_ROW % ("target", "large MB/s", "sha256 ok", "RSS+ MiB",
-                     "tunnel MB/s", "sha256 ok", "RSS+ MiB"))
+                     "tunnel MB/s", "sha256 ok", "RSS+ MiB", "noise %"))
     for name, res in relay.items():
         print(BIG_ROW % (name, fmt(median(res["mbps"])),
                          "%d/%d" % (len(res["mbps"]), res["downloads"]),
                          mib(res["growth"], max),
                          fmt(median(res["tunnel_mbps"])),
                          "%d/%d" % (len(res["tunnel_mbps"]), res["tunnels"]),
-                         mib(res["tunnel_growth"], max)))
+                         mib(res["tunnel_growth"], max),
+                         noise_text(res["dl_noise"])))
     print("MB/s: medians over all good downloads (1 MB = 10^6 bytes); "
           "RSS+: the largest growth of")
     print("the proxy tree's RSS during one download over its RSS just before "
@@ -1338,12 +1417,14 @@ def print_wrk_table(title: str, group: dict, note: str, env: Env) -> None:
     print()
     print(title)
     print(CACHE_ROW % ("target", "r/s", "requests", "origin req/round",
-                       "sock err c/r/w/t", "non-2xx/3xx", "CPU s/10k"))
+                       "sock err c/r/w/t", "non-2xx/3xx", "CPU s/10k",
+                       "noise %"))
     for name, res in group.items():
         print(CACHE_ROW % (name, fmt(median(res["rps"])), res["requests"],
                            "/".join(map(str, res["origin"])) or "-",
                            errors_text(res), res["status"],
-                           fmt(median(res["cpu10k"]), 2)))
+                           fmt(median(res["cpu10k"]), 2),
+                           noise_text(res["noise"])))
     print(note)
     print_shares(group)
     for name, res in group.items():
@@ -1417,6 +1498,15 @@ def print_table(results: dict, args, env: Env) -> None:
     print()
     print("%d round(s); wrk -t1 -c%d -d%ds" % (args.rounds, args.connections,
                                                args.duration))
+    print("noise %: the most CPU that processes not started by run.py (and "
+          "other VMs) took during a kept")
+    print("measurement, in %% of the machine (%d cores = 100 %%); a "
+          "measurement over %g %% was made again" % (
+              os.cpu_count() or 1, args.max_foreign))
+    print("(up to %d times), keeping the quietest; discarded: %s" % (
+        args.retries, ", ".join(
+        "%s %d" % (name, res["discarded"]) for name, res in results.items()
+        if res["discarded"]) or "none"))
     if relay:
         print_small(relay, results)
         print_big(relay, results, args)
@@ -1469,6 +1559,16 @@ def parse_args(argv: list | None = None):
     parser.add_argument("--warmup", type=int, default=5,
                         help="seconds of an unmeasured wrk run for each "
                         "target of (c) and (f) before round 1 (default 5)")
+    parser.add_argument("--max-foreign", type=float, default=10.0,
+                        help="measure again when other processes took more "
+                        "than this %% of the machine meanwhile (default 10)")
+    parser.add_argument("--wait-quiet", type=float, default=30.0,
+                        help="before each measurement, wait up to this many "
+                        "seconds for other processes to go below "
+                        "--max-foreign (default 30)")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="measurements again at most, when noisy "
+                        "(default 1)")
     parser.add_argument("--idle-conns", type=int, default=1000,
                         help="idle keep-alive clients in test (e) "
                         "(default 1000)")
@@ -1549,14 +1649,18 @@ def wrk_round(rnd: int, test: str, path: str, env: Env, targets: list,
               results: dict) -> None:
     """Run wrk for path once for each target, recording into results."""
     for t in targets:
+        label = "round %d %s %s" % (rnd, test, t.name)
         try:
-            small = test_wrk(env, t, path)
+            small, busy, discarded = quietly(
+                env.args, label, lambda: test_wrk(env, t, path))
         except RuntimeError as exc:
             results[t.name]["notes"].append("round %d wrk: %s" % (rnd, exc))
             continue
         record_wrk(results[t.name], small)
-        log("round %d %-6s %-18s %8.1f r/s  %s" % (
-            rnd, test, t.name, small["rps"], json.dumps(small)))
+        results[t.name]["noise"].append(busy)
+        results[t.name]["discarded"] += discarded
+        log("round %d %-6s %-18s %8.1f r/s  foreign %.0f%%  %s" % (
+            rnd, test, t.name, small["rps"], busy, json.dumps(small)))
 
 
 def download_round(rnd: int, env: Env, targets: list, results: dict,
@@ -1566,20 +1670,35 @@ def download_round(rnd: int, env: Env, targets: list, results: dict,
         ("tunnel", "tunnel_mbps", "tunnel_growth", "tunnels") if tls
         else ("large", "mbps", "growth", "downloads"))
     for t in targets:
-        for _ in range(env.args.large_n):
-            results[t.name][count] += 1
-            try:
-                mbps, growth = test_download(env, t, tls)
-            except RuntimeError as exc:
-                results[t.name]["notes"].append("round %d %s: %s"
-                                                % (rnd, test, exc))
+        res = results[t.name]
+        label = "round %d %s %s" % (rnd, test, t.name)
+        batch, busy, discarded = quietly(
+            env.args, label, lambda: download_batch(env, t, tls))
+        res["dl_noise"].append(busy)
+        res["discarded"] += discarded
+        for got in batch:
+            res[count] += 1
+            if isinstance(got, str):
+                res["notes"].append("round %d %s: %s" % (rnd, test, got))
                 continue
-            results[t.name][speeds].append(mbps)
+            mbps, growth = got
+            res[speeds].append(mbps)
             if growth is not None:
-                results[t.name][growths].append(growth)
-            log("round %d %-6s %-18s %8.1f MB/s  RSS +%s MiB" % (
-                rnd, test, t.name, mbps,
-                fmt(growth / MIB) if growth is not None else "-"))
+                res[growths].append(growth)
+            log("round %d %-6s %-18s %8.1f MB/s  RSS +%s MiB  foreign %.0f%%"
+                % (rnd, test, t.name, mbps,
+                   fmt(growth / MIB) if growth is not None else "-", busy))
+
+
+def download_batch(env: Env, target: Target, tls: bool) -> list:
+    """args.large_n downloads; each (MB/s, RSS growth) or an error text."""
+    batch = []
+    for _ in range(env.args.large_n):
+        try:
+            batch.append(test_download(env, target, tls))
+        except RuntimeError as exc:
+            batch.append(str(exc))
+    return batch
 
 
 def idle_round(rnd: int, env: Env, live: dict, names: list,
