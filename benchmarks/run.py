@@ -313,6 +313,19 @@ def tree_rss(root: int) -> int:
     return sum(rss_of(pid) for pid in tree_pids(root))
 
 
+def pss_of(pid: int) -> int:
+    """Proportional set size of one process, bytes (0 if unknown): its
+    RSS with each page shared with N processes counted 1/N."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def cmdline(pid: int) -> bytes:
     """A process's command line, NUL-separated (b"" if it is gone)."""
     try:
@@ -1194,6 +1207,7 @@ async def _hold_idle_clients(env: Env, target: Target) -> dict:
     await asyncio.sleep(env.args.hold)
     counts["rss_procs"] = [rss_of(pid) for pid in tree_pids(target.proc.pid)]
     counts["rss"] = sum(counts["rss_procs"])
+    counts["pss"] = sum(pss_of(pid) for pid in tree_pids(target.proc.pid))
     counts["still_open"] = sum(1 for reader, writer in clients
                                if not reader.at_eof()
                                and not writer.is_closing())
@@ -1242,7 +1256,7 @@ def new_result() -> dict:
             "cpu_share": [], "noise": [], "dl_noise": [], "discarded": 0,
             "mbps": [], "downloads": 0, "growth": [],
             "tunnel_mbps": [], "tunnels": 0, "tunnel_growth": [],
-            "idle_rss": [], "conns_rss": [], "conns_ok": [],
+            "idle_rss": [], "conns_rss": [], "conns_pss": [], "conns_ok": [],
             "conns_open": [], "notes": []}
 
 
@@ -1275,7 +1289,7 @@ def mib(values: list, pick=median) -> str:
 
 SMALL_ROW = "%-11s %10s %9s %10s %18s %11s %10s %8s"
 BIG_ROW = "%-11s %10s %9s %9s %11s %9s %9s %8s"
-IDLE_ROW = "%-11s %9s %15s %9s %10s %10s"
+IDLE_ROW = "%-11s %9s %17s %9s %6s %10s %10s"
 CACHE_ROW = "%-18s %10s %9s %18s %18s %11s %10s %8s"
 
 
@@ -1337,6 +1351,9 @@ def print_small(relay: dict, results: dict) -> None:
           "request relayed);")
     print("CPU s/10k: user+system CPU seconds of the proxy and all its "
           "processes per 10k requests")
+    for name, res in relay.items():
+        print("%s: r/s per round %s" % (
+            name, "/".join("%.0f" % x for x in res["rps"]) or "-"))
     print_shares(relay)
     if "proxyframe" not in relay:
         return
@@ -1392,18 +1409,20 @@ def print_idle(idle: dict, results: dict, args) -> None:
     print("(e) memory: %d keep-alive clients, one GET %s each, held idle "
           "%.0f s; proxy restarted first" % (args.idle_conns, SMALL_PATH,
                                               args.hold))
-    print(IDLE_ROW % ("target", "idle MiB", "with clients MiB", "ok",
-                      "still open", "processes"))
+    print(IDLE_ROW % ("target", "idle MiB", "with clients MiB", "PSS MiB",
+                      "ok", "still open", "processes"))
     for name, res in idle.items():
         print(IDLE_ROW % (name, mib(res["idle_rss"]), mib(res["conns_rss"]),
+                          mib(res["conns_pss"]),
                           min(res["conns_ok"]) if res["conns_ok"] else "-",
                           min(res["conns_open"]) if res["conns_open"]
                           else "-",
                           res.get("processes", "-")))
-    print("RSS summed over the proxy's processes, medians over rounds; idle: "
-          "after one GET; ok, still open:")
-    print("lowest over rounds (still open: connections the proxy had not "
-          "closed when the RSS was read)")
+    print("RSS (and PSS: shared pages counted 1/N) summed over the proxy's "
+          "processes, medians over rounds;")
+    print("idle: after one GET; ok, still open: lowest over rounds (still "
+          "open: connections the proxy")
+    print("had not closed when the RSS was read)")
     if "proxyframe" in idle:
         for base in ("squid", "proxypy", "tinyproxy"):
             if base in idle:
@@ -1471,7 +1490,8 @@ def print_goals(results: dict) -> list:
     """Print issue 5's targets, each measured, met or not; return the rows
     as (label, measured, wanted, verdict)."""
     print()
-    print("issue 5 targets (ratios of the medians of this run)")
+    print("issue 5 targets (ratios of the medians of this run, to 3 "
+          "decimals)")
     row = "%-44s %9s %8s  %s"
     print(row % ("target", "measured", "wanted", "result"))
     rows = []
@@ -1482,7 +1502,7 @@ def print_goals(results: dict) -> list:
         else:
             met = got >= bound if cmp == ">=" else got <= bound
             verdict = "met" if met else "NOT met"
-            shown = fmt(got, 2)
+            shown = fmt(got, 1 if label.endswith("MiB") else 3)
         wanted = "%s %g" % (cmp, bound)
         print(row % (label, shown, wanted, verdict))
         rows.append((label, shown, wanted, verdict))
@@ -1577,6 +1597,9 @@ def parse_args(argv: list | None = None):
                         "RSS is read (default 5)")
     parser.add_argument("--only", nargs="+", choices=TARGETS,
                         default=list(TARGETS), help="targets to measure")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the conditions and every raw "
+                        "number to FILE, as JSON")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter that runs proxyframe "
                         "(default: this one)")
@@ -1717,6 +1740,7 @@ def idle_round(rnd: int, env: Env, live: dict, names: list,
             continue
         res["idle_rss"].append(idle["idle_rss"])
         res["conns_rss"].append(idle["rss"])
+        res["conns_pss"].append(idle["pss"])
         res["conns_ok"].append(idle["ok"])
         res["conns_open"].append(idle["still_open"])
         res["processes"] = idle["processes"]
@@ -1832,6 +1856,11 @@ def main(argv: list | None = None) -> int:
         cleanup()
     print_header(info)
     print_table(results, args, env)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"conditions": dict(info), "options": vars(args),
+                       "results": results, "warmups": env.warmups,
+                       "warm_gets": env.warm_gets}, f, indent=1)
     return 0
 
 
