@@ -11,12 +11,14 @@ client can see whom the proxy authenticated.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -66,7 +68,9 @@ for line in sys.stdin:
         sys.exit(3)
     if user == "hang":
         time.sleep(30)
-    print("OK" if (user, password) == ("dave", "right pass%") else "ERR no", flush=True)
+    if user == "slow":
+        time.sleep(1)
+    print("OK" if (user, password) in {("dave", "right pass%"), ("slow", "pw")} else "ERR no", flush=True)
 '''
 
 
@@ -432,6 +436,31 @@ def test_helper_ok_err_and_cache(auth_proxy, origin, helper, curl):
     assert len({pid for pid, _ in helper_calls(log)}) == 1
     assert [r.target for r in origin.requests] == ["/1", "/2", "/5"]
     assert no_proxy_authorization(origin)
+
+
+def test_concurrent_requests_with_the_same_credentials_share_one_check(auth_proxy, origin, helper):
+    """
+    Ten requests with the same new credentials at once (as when a cached
+    success expires under load): one check runs (the helper is asked once)
+    and all ten are answered by it; wrong credentials in parallel are all
+    refused, by their own single check.
+    """
+    argv, log = helper
+    proxy = auth_proxy(helper=argv, cache_ttl=300)
+    results: list[int] = []
+
+    def fetch(credentials: str) -> None:
+        token = base64.b64encode(credentials.encode()).decode()
+        results.append(get(proxy, origin.url("/c"), {"Proxy-Authorization": f"Basic {token}"}).status)
+
+    threads = [threading.Thread(target=fetch, args=("slow:pw",)) for _ in range(10)]
+    threads += [threading.Thread(target=fetch, args=("slow:bad",)) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results) == [200] * 10 + [407] * 5
+    assert sorted(user for _, user in helper_calls(log)) == ["slow", "slow"]
 
 
 def test_helper_restarted_after_death_and_timeout(auth_proxy, origin, helper, curl):

@@ -33,15 +33,16 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import hmac
 import os
 import re
 import shutil
 
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxyframe.config import ConfigError
@@ -84,6 +85,8 @@ class Auth(Filter):
         self._algorithms = algorithms
         self._cache = ExpiringMap(reactor, cache_ttl, _CACHE_LIMIT) if cache_ttl > 0 else None
         self._cache_key = os.urandom(32)
+        # Credentials (their cache key) being checked -> the requests waiting.
+        self._checking: dict[bytes, list[Deferred]] = {}
         self._nonces = Nonces(reactor, nonce_ttl)
 
     def request_received(self, exchange):
@@ -140,12 +143,28 @@ class Auth(Filter):
             colon = b""
         if not colon:
             return self._refuse(exchange, None, "malformed Basic credentials")
-        key = hmac.new(self._cache_key, token, hashlib.sha256).digest()
+        key = hmac.digest(self._cache_key, token, "sha256")
         if self._cache is not None and self._cache.get(key):
             return self._accept(exchange, name)
-        d = self._basic_check(user, password)
+        # Requests with the same credentials while a check of them runs wait
+        # for that check: when a cached success expires under load, one
+        # bcrypt runs, not one per connection.
+        waiting = self._checking.get(key)
+        if waiting is None:
+            self._checking[key] = waiting = []
+            self._basic_check(user, password).addBoth(self._basic_done, key)
+        d = Deferred()
+        waiting.append(d)
         d.addCallback(self._basic_checked, exchange, name, key)
         return d
+
+    def _basic_done(self, result, key: bytes) -> None:
+        """The check of *key* is over: hand its result (or failure) to every request that waited."""
+        for d in self._checking.pop(key):
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
 
     def _basic_checked(self, valid: bool, exchange, name: str, key: bytes):
         if not valid:
