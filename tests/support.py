@@ -441,6 +441,47 @@ def _one_worker_unless_set(config_text: str) -> str:
     return "workers = 1\n" + config_text
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process *pid* has exited (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class Daemon:
+    """
+    ``twistd --logfile F --pidfile P proxyframe --config C`` without ``-n``:
+    proxyframe as a daemon, as an init script starts it; its log goes to
+    the file F (:meth:`log_text`).
+    """
+
+    def __init__(self, config_text: str, tmp: Path) -> None:
+        config, self.logfile, self.pidfile = tmp / "daemon.toml", tmp / "twistd.log", tmp / "twistd.pid"
+        config.write_text(config_text)
+        started = subprocess.run(
+            twistd_command() + [f"--logfile={self.logfile}", f"--pidfile={self.pidfile}", "proxyframe",
+                                "--config", str(config)],
+            cwd=tmp, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)
+        assert started.returncode == 0, started.stdout + started.stderr
+        wait_until(self.pidfile.exists, 30, "the daemon's pid file")
+        self.pid = int(self.pidfile.read_text())
+
+    def log_text(self) -> str:
+        return self.logfile.read_text() if self.logfile.exists() else ""
+
+    def port(self) -> int:
+        """The port the daemon logged it listens on (waited for)."""
+        wait_until(lambda: "proxyframe listening on" in self.log_text(), 30, "the daemon to listen")
+        return int(re.search(r"proxyframe listening on 127\.0\.0\.1:(\d+)", self.log_text())[1])
+
+    def stop(self) -> None:
+        """SIGTERM, then wait until the process is gone."""
+        os.kill(self.pid, signal.SIGTERM)
+        wait_until(lambda: process_gone(self.pid), 30, "the daemon to exit")
+
+
 def proxy_config(**sections) -> str:
     """
     A TOML config listening on 127.0.0.1 port 0; keyword arguments add

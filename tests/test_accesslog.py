@@ -17,7 +17,6 @@ import re
 import select
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
 from flowtools import TIMEOUT
-from support import REPO, ProxyProcess, body_bytes, twistd_command, wait_until
+from support import Daemon, ProxyProcess, body_bytes, wait_until
 from proxyframe.config import Config, ConfigError
 from proxyframe.filters import FilterContext
 from proxyframe.interfaces import IFilter
@@ -218,15 +217,6 @@ def test_no_config_at_all_refuses_other_clients(origin, tmp_path):
                         r"HIER_NONE/- text/\S+", line), line
 
 
-def _gone(pid: int) -> bool:
-    """Whether process *pid* has exited (a zombie waiting for init counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def test_default_goes_to_twistd_log_file_when_daemonized(origin, tmp_path):
     """
     ``twistd proxyframe`` without ``-n`` daemonizes, and its standard output
@@ -234,24 +224,13 @@ def test_default_goes_to_twistd_log_file_when_daemonized(origin, tmp_path):
     through twisted.logger (namespace ``proxyframe.accesslog``) to the file
     ``--logfile`` names, in Squid's format, instead of losing it.
     """
-    config, logfile, pidfile = tmp_path / "daemon.toml", tmp_path / "twistd.log", tmp_path / "twistd.pid"
-    config.write_text(config_text({}))
-    started = subprocess.run(
-        twistd_command() + [f"--logfile={logfile}", f"--pidfile={pidfile}", "proxyframe", "--config", str(config)],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)
-    assert started.returncode == 0, started.stdout + started.stderr
-    wait_until(pidfile.exists, TIMEOUT, "the daemon's pid file")
-    pid = int(pidfile.read_text())
-
-    def log_text() -> str:
-        return logfile.read_text() if logfile.exists() else ""
+    daemon = Daemon(config_text({}), tmp_path)
 
     def logged_lines() -> list[str]:
-        return [m[1] for m in re.finditer(r"\[proxyframe\.accesslog#info\] (\d+\.\d{3} .*)", log_text())]
+        return [m[1] for m in re.finditer(r"\[proxyframe\.accesslog#info\] (\d+\.\d{3} .*)", daemon.log_text())]
 
     try:
-        wait_until(lambda: "proxyframe listening on" in log_text(), TIMEOUT, "the daemon to listen")
-        port = int(re.search(r"proxyframe listening on 127\.0\.0\.1:(\d+)", log_text())[1])
+        port = daemon.port()
         url = origin.url("/bytes/100")
         before = time.time()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
@@ -261,11 +240,10 @@ def test_default_goes_to_twistd_log_file_when_daemonized(origin, tmp_path):
         conn.close()
         wait_until(logged_lines, TIMEOUT, "the access line in the log file")
     finally:
-        os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: _gone(pid), TIMEOUT, "the daemon to exit")
+        daemon.stop()
     (line,) = logged_lines()
     check_squid(line, before, after, f"TCP_MISS/200 100 GET {url} - HIER_DIRECT/127.0.0.1 -")
-    assert not pidfile.exists()
+    assert not daemon.pidfile.exists()
 
 
 def test_502_is_logged_with_its_error(start, tmp_path):

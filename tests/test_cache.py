@@ -558,16 +558,28 @@ def concurrent_fetches(cache, url: str, count: int) -> tuple[list, list[threadin
     return replies, threads
 
 
+def first_then_others(cache, script, target: str, url: str, count: int) -> tuple[list, list, list]:
+    """
+    One request for *url*, then, once the origin has it (its route holds
+    the body behind a gate), *count* more at once.
+
+    :returns: the first's replies, the others' replies (filled as they
+        end) and every thread.
+    """
+    first, first_threads = concurrent_fetches(cache, url, 1)
+    wait_until(lambda: script.count(target) == 1, what="the first request")
+    others, other_threads = concurrent_fetches(cache, url, count)
+    return first, others, first_threads + other_threads
+
+
 def test_concurrent_misses_make_one_upstream_request(cache, origin, script):
     """Collapsed forwarding: five clients wait for the one request in flight, then share its response."""
     gate = threading.Event()
     script.routes["/slow"] = Route(fields=fresh(), body=b"shared", gate=gate)
-    leader, lead = concurrent_fetches(cache, origin.url("/slow"), 1)
-    wait_until(lambda: script.count("/slow") == 1, what="the first request")
-    others, wait = concurrent_fetches(cache, origin.url("/slow"), 4)
+    leader, others, threads = first_then_others(cache, script, "/slow", origin.url("/slow"), 4)
     time.sleep(0.5)
     gate.set()
-    for thread in lead + wait:
+    for thread in threads:
         thread.join(30)
     assert [r.body for r in leader + others] == [b"shared"] * 5
     assert script.count("/slow") == 1
@@ -577,13 +589,11 @@ def test_waiters_are_released_when_the_response_is_uncacheable(cache, origin, sc
     """Collapsed forwarding never waits on an uncacheable response: the others go upstream at once."""
     gate = threading.Event()
     script.routes["/private"] = Route(fields=[("Cache-Control", "no-store")], body=b"mine", gate=gate)
-    leader, lead = concurrent_fetches(cache, origin.url("/private"), 1)
-    wait_until(lambda: script.count("/private") == 1, what="the first request")
-    others, wait = concurrent_fetches(cache, origin.url("/private"), 3)
+    leader, others, threads = first_then_others(cache, script, "/private", origin.url("/private"), 3)
     # The first body is still held at the origin: the others must not wait for it.
     wait_until(lambda: script.count("/private") == 4, what="the others to reach the origin")
     gate.set()
-    for thread in lead + wait:
+    for thread in threads:
         thread.join(30)
     assert [r.body for r in leader + others] == [b"mine"] * 4
 
@@ -593,12 +603,10 @@ def test_collapsed_wait_is_bounded(start_cache, origin, script):
     cache = start_cache(collapse_timeout=0.3)
     gate = threading.Event()
     script.routes["/stuck"] = Route(fields=fresh(), body=b"late", gate=gate)
-    leader, lead = concurrent_fetches(cache, origin.url("/stuck"), 1)
-    wait_until(lambda: script.count("/stuck") == 1, what="the first request")
-    others, wait = concurrent_fetches(cache, origin.url("/stuck"), 2)
+    leader, others, threads = first_then_others(cache, script, "/stuck", origin.url("/stuck"), 2)
     wait_until(lambda: script.count("/stuck") == 3, what="the waiters to give up waiting")
     gate.set()
-    for thread in lead + wait:
+    for thread in threads:
         thread.join(30)
     assert [r.body for r in leader + others] == [b"late"] * 3
 

@@ -30,7 +30,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
 from flowtools import TIMEOUT
-from support import REPO, ProxyProcess, proxy_config, twistd_command, wait_until
+from support import REPO, Daemon, ProxyProcess, process_gone, proxy_config, twistd_command, wait_until
 from proxyframe import Config, ConfigError, load_config
 from proxyframe.chain import Chain
 from proxyframe.service import ProxyService, WorkersService, makeService, worker_count
@@ -60,14 +60,6 @@ def stat_fields(pid: int) -> list[str]:
     """/proc/PID/stat after the command name: state, ppid, ..."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()
-
-
-def gone(pid: int) -> bool:
-    """Whether process *pid* has exited (a zombie counts as gone)."""
-    try:
-        return stat_fields(pid)[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def children(pid: int) -> set[int]:
@@ -318,7 +310,7 @@ def test_sigterm_finishes_in_flight_exchange_then_every_process_exits(start_prox
     slow.join(TIMEOUT)
     assert result == [(200, b"hello", "close")]
     assert proxy.proc.wait(TIMEOUT) == -signal.SIGTERM
-    assert all(gone(pid) for pid in pids.values())
+    assert all(process_gone(pid) for pid in pids.values())
     for number, pid in pids.items():
         proxy.wait_for_line(rf"worker {number} \(pid {pid}\) exited with status 0")
 
@@ -330,7 +322,7 @@ def test_workers_stop_when_the_proxy_is_killed(start_proxy):
     proxy.proc.kill()
     proxy.proc.wait(TIMEOUT)
     for pid in pids.values():
-        wait_until(lambda pid=pid: gone(pid), TIMEOUT, f"worker pid {pid} to exit")
+        wait_until(lambda pid=pid: process_gone(pid), TIMEOUT, f"worker pid {pid} to exit")
 
 
 def test_daemonized_workers_log_to_twistd_log_file(origin, tmp_path):
@@ -340,21 +332,11 @@ def test_daemonized_workers_log_to_twistd_log_file(origin, tmp_path):
     included (``[proxyframe.accesslog#info]``), reaches F through the proxy,
     one line per exchange, with the worker's number.
     """
-    config, logfile, pidfile = tmp_path / "daemon.toml", tmp_path / "twistd.log", tmp_path / "twistd.pid"
-    config.write_text(proxy_config(workers=2))
-    started = subprocess.run(
-        twistd_command() + [f"--logfile={logfile}", f"--pidfile={pidfile}", "proxyframe", "--config", str(config)],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)
-    assert started.returncode == 0, started.stdout + started.stderr
-    wait_until(pidfile.exists, TIMEOUT, "the daemon's pid file")
-    pid = int(pidfile.read_text())
-
-    def log_text() -> str:
-        return logfile.read_text() if logfile.exists() else ""
-
+    daemon = Daemon(proxy_config(workers=2), tmp_path)
+    pid, log_text = daemon.pid, daemon.log_text
     try:
         wait_until(lambda: len(SERVING.findall(log_text())) == 2, TIMEOUT, "two workers serving")
-        port = int(re.search(r"proxyframe listening on 127\.0\.0\.1:(\d+)", log_text())[1])
+        port = daemon.port()
         pids = {int(m[1]): int(m[2]) for m in SERVING.finditer(log_text())}
         assert children(pid) == set(pids.values())
         for worker in pids.values():
@@ -366,11 +348,10 @@ def test_daemonized_workers_log_to_twistd_log_file(origin, tmp_path):
                             + access_pattern(origin.port) + ")$", re.MULTILINE)
         wait_until(lambda: len(access.findall(log_text())) == 2, TIMEOUT, "2 access lines in the log file")
     finally:
-        os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: gone(pid), TIMEOUT, "the daemon to exit")
+        daemon.stop()
     assert sorted((int(m[1]), int(m[3])) for m in access.finditer(log_text())) == [(1, 2), (2, 1)]
-    assert all(gone(worker) for worker in pids.values())
-    assert not pidfile.exists()
+    assert all(process_gone(worker) for worker in pids.values())
+    assert not daemon.pidfile.exists()
 
 
 def test_endpoint_that_cannot_be_shared_stops_the_start(tmp_path):
