@@ -313,17 +313,22 @@ def tree_rss(root: int) -> int:
     return sum(rss_of(pid) for pid in tree_pids(root))
 
 
-def pss_of(pid: int) -> int:
-    """Proportional set size of one process, bytes (0 if unknown): its
-    RSS with each page shared with N processes counted 1/N."""
+def proc_kib(pid: int, name: str, key: str) -> int:
+    """The "KEY: N kB" line of /proc/PID/NAME, in bytes (0 if unknown)."""
     try:
-        with open("/proc/%d/smaps_rollup" % pid) as f:
+        with open("/proc/%d/%s" % (pid, name)) as f:
             for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def pss_of(pid: int) -> int:
+    """Proportional set size of one process, bytes (0 if unknown): its
+    RSS with each page shared with N processes counted 1/N."""
+    return proc_kib(pid, "smaps_rollup", "Pss")
 
 
 def cmdline(pid: int) -> bytes:
@@ -337,14 +342,7 @@ def cmdline(pid: int) -> bytes:
 
 def hwm_of(pid: int) -> int:
     """Peak RSS (VmHWM) of one process since start or reset, bytes."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_kib(pid, "status", "VmHWM")
 
 
 def reset_hwm(pid: int) -> bool:
