@@ -78,6 +78,11 @@ class BrokenHook(Filter):
         raise RuntimeError("this filter is broken")
 
 
+class BrokenBody(Filter):
+    def response_body(self, exchange, data):
+        raise RuntimeError("this body filter is broken")
+
+
 class Double(Filter):
     def response_received(self, exchange):
         exchange.response.headers.remove(b"Content-Length")
@@ -113,6 +118,7 @@ tag = Factory("tag", _tag)
 answer = Factory("answer", lambda options, context: Answer())
 slow = Factory("slow", lambda options, context: Slow(context.reactor))
 broken_hook = Factory("broken-hook", lambda options, context: BrokenHook())
+broken_body = Factory("broken-body", lambda options, context: BrokenBody())
 double = Factory("double", lambda options, context: Double())
 replace = Factory("replace", lambda options, context: Replace())
 '''
@@ -226,6 +232,21 @@ def test_failing_hook_fails_only_that_exchange(run_proxy, plugin_dir, origin):
     assert resp.status == 500
     proxy.wait_for_line(r"filter broken-hook failed")
     proxy.wait_for_line(r"RuntimeError: this filter is broken")
+
+
+def test_body_hook_failing_before_any_byte_left_gives_500(run_proxy, plugin_dir, origin):
+    """
+    A response_body hook that raises on the first piece, before any byte of
+    the response was written: the client gets 500 proxy_internal_error (not
+    a cut connection), and the proxy keeps serving on a new connection.
+    """
+    proxy = run_proxy(config(plugin_dir, [{"use": "broken-body"}]))
+    for _ in range(2):
+        resp, body = get(proxy, origin.url("/"))
+        assert resp.status == 500
+        assert "error=proxy_internal_error" in resp.getheader("Proxy-Status")
+        assert b"broken-body" in body
+    proxy.wait_for_line(r"RuntimeError: this body filter is broken")
 
 
 # -- response_body and re-framing ----------------------------------------------------

@@ -307,6 +307,7 @@ class ProxyServer(Protocol):
             upstream, self._upstream = self._upstream, None
             upstream.abort()
         self._resume(_PAUSE_FILTERS)
+        self._take_back_head()
         if self._response_started:
             self.exchange.error = "proxy_internal_error"
             self._state = _CLOSED
@@ -558,6 +559,17 @@ class ProxyServer(Protocol):
         else:
             write(self.transport, data)
 
+    def _take_back_head(self) -> None:
+        """
+        The exchange fails: a response head not yet written is dropped, so
+        that the client can still get an error page instead of a cut
+        connection.
+        """
+        if self._head_out:
+            self._head_out = b""
+            self._response_started = False
+            self._unregister_producer()
+
     def flush(self) -> None:
         """
         The upstream read that brought a response head is processed: write
@@ -597,11 +609,7 @@ class ProxyServer(Protocol):
 
     def upstream_failed(self, error: ProxyError, conn: UpstreamConnection) -> None:
         self._upstream = None
-        if self._head_out:
-            # The head never left: the client can still get an error page.
-            self._head_out = b""
-            self._response_started = False
-            self._unregister_producer()
+        self._take_back_head()
         if self._response_started:
             # The status is on the wire already.  With a Content-Length or
             # chunked body, a close short of the end tells the client it is
