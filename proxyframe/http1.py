@@ -73,7 +73,8 @@ _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([1-5][0-9][0-9])(?: ([\t \x2
 # controls; a line that starts with whitespace (obs-fold) fails the token.
 # The field lines of a head (CRLF between them) are checked whole in one
 # pass in C, then split without regular expressions.
-_FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[\t \x21-\x7e\x80-\xff]*(?:\r\n|\Z))*")
+_FIELD = _TOKEN + rb":[\t \x21-\x7e\x80-\xff]*"
+_FIELD_BLOCK = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF; extensions are passed over.
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t \x21-\x7e\x80-\xff]*)?")
