@@ -34,6 +34,21 @@ class Headers:
         self._fields: list[tuple[bytes, bytes]] = list(fields)
         self._index: dict[bytes, list[bytes]] | None = None
 
+    @classmethod
+    def parsed(cls, fields: list[tuple[bytes, bytes]], index: dict[bytes, list[bytes]]) -> Headers:
+        """
+        Headers from a parser that built the lookup index as it went (one
+        pass over the lines instead of two); both are taken over, not copied.
+
+        :param fields: ``(name, value)`` pairs, in order.
+        :param index: lowercased name -> its values in order, for exactly
+            those *fields*.
+        """
+        headers = cls.__new__(cls)
+        headers._fields = fields
+        headers._index = index
+        return headers
+
     def _lookup(self) -> dict[bytes, list[bytes]]:
         index = self._index
         if index is None:

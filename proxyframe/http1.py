@@ -95,10 +95,19 @@ def _parse_fields(block: bytes, max_fields: int) -> Headers:
     if _FIELD_BLOCK.fullmatch(block) is None:
         raise ProtocolError(400, "malformed header field line")
     fields = []
+    index: dict[bytes, list[bytes]] = {}
     for line in block.split(b"\r\n"):
         name, _, value = line.partition(b":")
-        fields.append((name, value.strip(b" \t")))
-    return Headers(fields)
+        value = value.strip(b" \t")
+        fields.append((name, value))
+        # Every parsed head is looked up (framing, Connection): index now.
+        lname = name.lower()
+        values = index.get(lname)
+        if values is None:
+            index[lname] = [value]
+        else:
+            values.append(value)
+    return Headers.parsed(fields, index)
 
 
 def parse_request_head(head: bytes, max_fields: int) -> Request:

@@ -248,18 +248,23 @@ class UpstreamConnection(Protocol):
 
     def _receive_head(self, data: bytes) -> None:
         buf = self._head
-        buf += data
+        if buf:
+            # The head came in pieces; usually it comes whole, and then the
+            # read is sliced as it is, without copies through the buffer.
+            buf += data
+            data = bytes(buf)
+            buf.clear()
         while self._state == _HEAD:
-            end = buf.find(b"\r\n\r\n")
-            if (end if end >= 0 else len(buf)) > self.pool.max_head_bytes:
+            end = data.find(b"\r\n\r\n")
+            if (end if end >= 0 else len(data)) > self.pool.max_head_bytes:
                 self._fail(ProxyError(502, "http_response_header_section_size",
                                       "The upstream's response head is too large",
                                       f"{self.key[0]}:{self.key[1]}"))
                 return
             if end < 0:
+                buf += data
                 return
-            head = bytes(buf[:end])
-            del buf[:end + 4]
+            head, data = data[:end], data[end + 4:]
             try:
                 response = parse_response_head(head, self.pool.max_fields)
                 reader = response_body_reader(self._method, response)
@@ -283,14 +288,12 @@ class UpstreamConnection(Protocol):
             self.handler.response_head(response, reader)
             if self._state != _HEAD:
                 return
-            rest = bytes(buf)
-            buf.clear()
             if reader is None:
-                self._complete(rest)
+                self._complete(data)
                 return
             self._state = _BODY
-            if rest:
-                self.dataReceived(rest)
+            if data:
+                self.dataReceived(data)
             if self.handler is not None:
                 self.handler.flush()
 
