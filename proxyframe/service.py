@@ -16,15 +16,29 @@ process has its own memory: its own memory cache store, cache and access
 log counters, and upstream pool; the Redis cache store is the one they
 share.  The options still build the filter chain once in this process, so
 that a bad filter option is a usage error before anything starts; the
-supervisor does not use that chain.
+supervisor does not run exchanges through that chain.
+
+Metrics: when the chain has a ``metrics`` filter
+(:mod:`proxyframe.plugins.pf_metrics`), the process that opens the proxy's
+listening sockets also serves ``/metrics`` on the filter's ``listen``
+option: the one process with ``workers = 1``, from that filter's own
+counts; the supervisor with ``workers = N``, which makes a private
+directory (mode 0700, removed at stop) for prometheus-client's
+multiprocess mode, passes it to every worker in ``PROMETHEUS_MULTIPROC_DIR``
+and serves the sum of what they write there.  The choice is made here, not
+in the filter's ``build``, because every process builds the chain (the
+supervisor to check the config, each worker to serve) and only one of them
+may bind the port; the workers never do.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 
 from twisted.application.service import Service
@@ -41,7 +55,29 @@ from proxyframe.protocol.server import ProxyFactory
 from proxyframe.reactor import install_unless_chosen
 from proxyframe.workers import Workers
 
-__all__ = ["Options", "ProxyService", "WorkersService", "makeService", "worker_count"]
+__all__ = ["Options", "ProxyService", "WorkersService", "makeService", "metrics_filter", "worker_count"]
+
+#: The name of the first-party metrics filter (``[[filter]] use = "metrics"``).
+METRICS_FILTER = "metrics"
+#: The environment variable prometheus-client reads, when it is imported, to
+#: keep its values in per-process files in that directory.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_filter(chain: Chain | None):
+    """
+    :returns: the chain's ``metrics`` filter (a
+        :class:`proxyframe.plugins.pf_metrics.Metrics`: its ``listen``
+        option and a ``site()`` serving ``/metrics``), or ``None`` when the
+        config has none.  Found by name among the ``exchange_done`` hooks,
+        the only hook it implements.
+    """
+    if chain is None:
+        return None
+    for _, name, hook in chain.done_hooks:
+        if name == METRICS_FILTER:
+            return getattr(hook, "__self__", None)
+    return None
 
 
 class Options(usage.Options):
@@ -110,6 +146,9 @@ class _ListeningService(Service):
         self.factory = factory
         self._ports: list = []
         self._failed = False
+        #: The chain's ``metrics`` filter, when this process serves /metrics.
+        self.metrics = None
+        self._metrics_port = None
 
     def startService(self) -> None:
         super().startService()
@@ -127,7 +166,52 @@ class _ListeningService(Service):
             d = self._open(endpoint)
             d.addCallbacks(self._listening, lambda f, desc=description: self._cannot_listen(desc, f.getErrorMessage()))
             listening.append(d)
+        if self.metrics is not None:
+            d = self._serve_metrics()
+            if d is None:
+                return
+            listening.append(d)
         gatherResults(listening).addCallback(lambda _: None if self._failed else self._all_listening())
+
+    def _metrics_site(self):
+        """:returns: the ``Site`` that serves ``/metrics`` from this process."""
+        return self.metrics.site(self.reactor)
+
+    def _serve_metrics(self) -> Deferred | None:
+        """
+        Listen on the metrics filter's ``listen`` endpoint (checked when
+        the filter was built) and log the address, once, as ``proxyframe
+        metrics at http://HOST:PORT/metrics``.
+
+        :returns: a ``Deferred`` firing when it listens (or has failed, which
+            stops the process like any listener), or ``None`` when the
+            endpoint cannot even be made.
+        """
+        description = self.metrics.listen
+        what = f"{description} (metrics)"
+        try:
+            endpoint = serverFromString(self.reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            self._cannot_listen(what, f"not a valid endpoint: {e}")
+            return None
+        try:
+            site = self._metrics_site()
+        except Exception as e:  # the directory vanished, say: a reason, not a traceback
+            self._cannot_listen(what, str(e))
+            return None
+        d = endpoint.listen(site)
+        d.addCallbacks(self._metrics_listening, lambda f: self._cannot_listen(what, f.getErrorMessage()))
+        return d
+
+    def _metrics_listening(self, port) -> None:
+        self._metrics_port = port
+        address = port.getHost()
+        host = getattr(address, "host", None)
+        if host is None:  # a UNIX socket
+            self._log.info("proxyframe metrics at {path} (GET /metrics)", path=getattr(address, "name", address))
+            return
+        host = f"[{host}]" if ":" in host else host
+        self._log.info("proxyframe metrics at http://{host}:{port}/metrics", host=host, port=address.port)
 
     def _unusable(self, endpoint) -> str | None:
         """:returns: why *endpoint* cannot be used here, or ``None``."""
@@ -156,6 +240,9 @@ class _ListeningService(Service):
 
     def _stop_listening(self) -> Deferred:
         ports, self._ports = self._ports, []
+        if self._metrics_port is not None:
+            ports.append(self._metrics_port)
+            self._metrics_port = None
         return DeferredList([maybeDeferred(port.stopListening) for port in ports])
 
 
@@ -168,12 +255,16 @@ class ProxyService(_ListeningService):
     in progress finish for up to ``timeouts.shutdown_grace`` seconds, then
     aborts what is left.  A listener that cannot be opened stops the
     process with exit status 1 and a one-line reason.
+
+    With a ``metrics`` filter in the chain, it also serves ``/metrics``
+    (that filter's counts) on the filter's ``listen`` endpoint.
     """
 
     def __init__(self, config: Config, reactor=None, chain: Chain | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         super().__init__(config, reactor, ProxyFactory(config, reactor, chain))
+        self.metrics = metrics_filter(self.factory.chain)
 
     def _listening(self, port) -> None:
         self.factory.listening_on(port.getHost())
@@ -227,13 +318,26 @@ class WorkersService(_ListeningService):
     SIGINT) closes its sockets and stops the workers gracefully; the
     ``Deferred`` it returns fires when every worker has exited.
 
+    With a ``metrics`` filter in *chain*, it serves ``/metrics`` itself,
+    summed over every worker that ran (prometheus-client's multiprocess
+    mode): at start it makes a private directory (:attr:`metrics_dir`, mode
+    0700), gives it to the workers in ``PROMETHEUS_MULTIPROC_DIR``, calls
+    ``mark_process_dead`` for each worker that exits, and removes the
+    directory once the workers have stopped.  The workers' files outlive
+    them, so a dead worker's counts stay in the sums.
+
     :param count: the number of workers (``int``, more than 1).
+    :param chain: the chain the options built to check the config; only
+        its ``metrics`` filter is used (:func:`metrics_filter`).
     """
 
-    def __init__(self, config: Config, count: int, reactor=None) -> None:
+    def __init__(self, config: Config, count: int, reactor=None, chain: Chain | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         super().__init__(config, reactor, _SharedSockets())
+        self.metrics = metrics_filter(chain)
+        #: The multiprocess directory while running, else ``None``.
+        self.metrics_dir: str | None = None
         self.count = count
         # Now, before twistd changes directory (--rundir): the workers start later.
         self._config_path = os.path.abspath(config.source) if config.source is not None else None
@@ -241,6 +345,35 @@ class WorkersService(_ListeningService):
         # Per endpoint, in config order: one port per worker.
         self._groups: list[list[Port]] = []
         self._previous_sighup = None
+
+    def startService(self) -> None:
+        if self.metrics is not None:
+            # Here, not in __init__: after twistd has switched user (--uid), so
+            # that the workers can write into it.
+            try:
+                self.metrics_dir = tempfile.mkdtemp(prefix="proxyframe-metrics-")
+            except OSError as e:
+                Service.startService(self)
+                self._cannot_listen(f"{self.metrics.listen} (metrics)",
+                                    f"cannot make a directory for the workers' metrics: {e}")
+                return
+        super().startService()
+
+    def _metrics_site(self):
+        return self.metrics.site(self.reactor, self.metrics_dir)
+
+    def _worker_exited(self, pid: int) -> None:
+        """A worker exited: drop its live-gauge files (its counter files stay, and keep counting)."""
+        if self.metrics_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.metrics_dir)
+
+    def _remove_metrics_dir(self, result=None):
+        path, self.metrics_dir = self.metrics_dir, None
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+        return result
 
     def _unusable(self, endpoint) -> str | None:
         if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
@@ -284,8 +417,11 @@ class WorkersService(_ListeningService):
     def _all_listening(self) -> None:
         # Worker i gets socket i of every endpoint.
         sockets = [[group[i].fileno() for group in self._groups] for i in range(self.count)]
+        env, exited = None, None
+        if self.metrics_dir is not None:
+            env, exited = {MULTIPROC_ENV: self.metrics_dir}, self._worker_exited
         self.workers = Workers(self.count, sockets, self._config_path, self.config.timeouts.shutdown_grace,
-                               self.reactor)
+                               self.reactor, env=env, exited=exited)
         self.workers.start()
         if threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.getsignal(signal.SIGHUP)
@@ -309,7 +445,7 @@ class WorkersService(_ListeningService):
         stopped = [self._stop_listening()]
         if self.workers is not None:
             stopped.append(self.workers.stop())
-        return DeferredList(stopped)
+        return DeferredList(stopped).addBoth(self._remove_metrics_dir)
 
 
 def worker_count(config: Config) -> int:
@@ -324,11 +460,13 @@ def makeService(options: Options) -> ProxyService | WorkersService:
     """
     The twistd entry point: a :class:`ProxyService` for one process, or a
     :class:`WorkersService` for several (``workers``, :func:`worker_count`).
-    The supervisor does not use the chain the options built (each worker
-    builds its own); building it checked the filters' options.
+    The supervisor runs no exchange through the chain the options built
+    (each worker builds its own); building it checked the filters' options,
+    and its ``metrics`` filter, if any, says where the supervisor serves
+    the workers' summed metrics.
     """
     config = options["proxy_config"]
     count = worker_count(config)
     if count > 1:
-        return WorkersService(config, count)
+        return WorkersService(config, count, chain=options["proxy_chain"])
     return ProxyService(config, chain=options["proxy_chain"])

@@ -20,7 +20,12 @@ its file).  The exit status is 0 after a stop, 1 when the config or a
 filter cannot be used.
 
 Like every worker, it has its own memory: its own cache store (unless the
-store is Redis or disk), counters and upstream pool.
+store is Redis or disk), counters and upstream pool.  The ``metrics``
+filter's counts are the exception: the supervisor starts the worker with
+``PROMETHEUS_MULTIPROC_DIR`` in its environment, so prometheus-client,
+imported when the chain is built, keeps them in a file of that directory
+which the supervisor sums and serves.  The worker never opens the metrics
+port.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ Each worker gets, as file descriptors:
 - 3 and up: its listening sockets, one per endpoint in config order (each
   worker has its own ``SO_REUSEPORT`` socket on every endpoint's address).
 
+Its environment is the supervisor's, plus what the supervisor adds: with
+the metrics filter, ``PROMETHEUS_MULTIPROC_DIR``, set from exec on and so
+before the worker imports prometheus-client (see :mod:`proxyframe.service`).
+
 Every worker is a separate process with its own memory: each has its own
 filter instances (the memory cache store, the cache's and the access log's
 counters), its own upstream connection pool and its own timers.  State
@@ -32,6 +36,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable, Mapping
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
@@ -130,15 +135,22 @@ class Workers:
     :param grace: ``timeouts.shutdown_grace`` (seconds): how long a worker
         may take to finish its exchanges when stopped.
     :param reactor: an ``IReactorProcess`` and ``IReactorTime`` provider.
+    :param env: variables added to this process's environment for the
+        workers (``PROMETHEUS_MULTIPROC_DIR`` for the metrics filter): set
+        from exec on, before the worker imports anything.
+    :param exited: called with the process id of each worker that has
+        exited (the metrics' ``mark_process_dead``), before any restart.
     """
 
     def __init__(self, count: int, sockets: list[list[int]], config_path: str | None, grace: float,
-                 reactor) -> None:
+                 reactor, env: Mapping[str, str] | None = None, exited: Callable[[int], object] | None = None) -> None:
         self._slots = [_Worker(self, n) for n in range(1, count + 1)]
         self._sockets = sockets
         self._config_path = config_path
         self._grace = grace
         self._reactor = reactor
+        self._env = dict(env or {})
+        self._exited = exited
         self._stopping = False
         self._all_ended: Deferred | None = None
 
@@ -163,7 +175,8 @@ class Workers:
         child_fds.update({3 + i: fd for i, fd in enumerate(sockets)})
         slot.started = self._reactor.seconds()
         try:
-            self._reactor.spawnProcess(slot, sys.executable, args, env=os.environ, childFDs=child_fds)
+            env = {**os.environ, **self._env} if self._env else os.environ
+            self._reactor.spawnProcess(slot, sys.executable, args, env=env, childFDs=child_fds)
         except OSError as e:  # fork or exec failed: out of memory or processes, say
             _log.error("worker {worker} cannot be started: {why}; trying again in {delay:g} s",
                        worker=slot.number, why=e, delay=self._restart_later(slot))
@@ -176,6 +189,11 @@ class Workers:
             how = f"was killed by signal {status.signal} ({signal.Signals(status.signal).name})"
         else:
             how = f"exited with status {status.exitCode}"
+        if self._exited is not None and pid is not None:
+            try:
+                self._exited(pid)
+            except Exception:
+                _log.failure("after worker {worker} (pid {pid}) exited", worker=slot.number, pid=pid)
         if self._stopping:
             _log.info("worker {worker} (pid {pid}) {how}", worker=slot.number, pid=pid, how=how)
             if not self.pids and self._all_ended is not None:
