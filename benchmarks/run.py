@@ -16,6 +16,9 @@ and interleaved:
 (e) memory with 1000 idle keep-alive clients: the proxy's RSS;
 (f) the cost of filters: proxyframe with acl + auth (Basic) + accesslog
     against proxyframe with no filter, wrk requests/s;
+(g) the floor: ``benchmarks/twisted_relay.py``, a Twisted process that only
+    copies bytes between each client and its own origin connection, wrk
+    requests/s and CPU per 10k requests as in (a);
 
 then prints issue 5's targets, each met or not.
 
@@ -53,7 +56,7 @@ LARGE_SIZE = 64 * 1024 * 1024     # bytes
 MIB = 1024 * 1024                 # bytes
 TARGETS = ("direct", "tinyproxy", "squid", "proxypy", "proxyframe",
            "squid-cache", "proxyframe-cache", "proxyframe-bare",
-           "proxyframe-filters")
+           "proxyframe-filters", "twisted-relay")
 #: Targets of tests (a), (b) and (d): everything relayed, nothing cached.
 RELAY_TARGETS = ("direct", "tinyproxy", "squid", "proxypy", "proxyframe")
 #: Targets of test (e): the relaying proxies.
@@ -62,6 +65,9 @@ IDLE_TARGETS = ("tinyproxy", "squid", "proxypy", "proxyframe")
 CACHE_TARGETS = ("squid-cache", "proxyframe-cache")
 #: Targets of test (f): proxyframe without and with acl + auth + accesslog.
 FILTER_TARGETS = ("proxyframe-bare", "proxyframe-filters")
+#: Test (g): the floor, a Twisted process that only copies bytes between
+#: each client and its own origin connection (benchmarks/twisted_relay.py).
+FLOOR_TARGETS = ("twisted-relay",)
 SMALL_PATH = "/small"
 CACHEABLE_PATH = "/cacheable"     # 1 KiB, Cache-Control: max-age=3600
 STATUS_PATH = "/__origin_status"  # nginx stub_status: the request counter
@@ -829,6 +835,18 @@ def start_proxypy(env: Env) -> Target:
     return Target("proxypy", port, proc, log_path)
 
 
+def start_twisted_relay(env: Env) -> Target:
+    """Start benchmarks/twisted_relay.py (one process, proxyframe's
+    interpreter and reactor) in front of the HTTP origin."""
+    port = free_port()
+    log_path = os.path.join(env.target_dir("twisted-relay"), "relay.log")
+    proc = spawn([env.args.python,
+                  os.path.join(REPO_ROOT, "benchmarks", "twisted_relay.py"),
+                  str(port), str(env.origin_port)], log_path, cwd=REPO_ROOT)
+    wait_ready(proc, port, log_path)
+    return Target("twisted-relay", port, proc, log_path)
+
+
 def count_workers(proc: subprocess.Popen) -> int:
     """proxyframe's worker processes under proc (python -m proxyframe.worker).
 
@@ -897,6 +915,8 @@ def start_target(env: Env, name: str) -> Target:
         return start_squid(env, name)
     if name == "proxypy":
         return start_proxypy(env)
+    if name == "twisted-relay":
+        return start_twisted_relay(env)
     return start_proxyframe(env, name)
 
 
@@ -1484,6 +1504,19 @@ GOALS = (
 )
 
 
+def print_floor(floor: dict, results: dict, env: Env) -> None:
+    """Table of test (g), then the floor's share of each proxy's CPU."""
+    print_wrk_table(
+        "(g) floor: wrk for %s through benchmarks/twisted_relay.py (one "
+        "process copying bytes, no HTTP work)" % SMALL_PATH, floor,
+        "the CPU a Twisted relay pays per exchange before doing anything; "
+        "compare CPU s/10k with (a)", env)
+    for base in ("squid", "proxyframe", "proxypy"):
+        if base in results:
+            print("twisted-relay/%-10s CPU/10k %sx" % (
+                base, ratio(results, "cpu10k", "twisted-relay", base)))
+
+
 def print_goals(results: dict) -> list:
     """Print issue 5's targets, each measured, met or not; return the rows
     as (label, measured, wanted, verdict)."""
@@ -1513,6 +1546,7 @@ def print_table(results: dict, args, env: Env) -> None:
     idle = {n: r for n, r in results.items() if n in IDLE_TARGETS}
     cache = {n: r for n, r in results.items() if n in CACHE_TARGETS}
     filters = {n: r for n, r in results.items() if n in FILTER_TARGETS}
+    floor = {n: r for n, r in results.items() if n in FLOOR_TARGETS}
     print()
     print("%d round(s); wrk -t1 -c%d -d%ds" % (args.rounds, args.connections,
                                                args.duration))
@@ -1552,6 +1586,8 @@ def print_table(results: dict, args, env: Env) -> None:
                            "proxyframe-bare"),
                      ratio(results, "cpu10k", "proxyframe-filters",
                            "proxyframe-bare")))
+    if floor:
+        print_floor(floor, results, env)
     print_goals(results)
     for name, res in results.items():
         for note in res["notes"]:
@@ -1808,6 +1844,8 @@ def measure(env: Env) -> dict:
                   in_order(live, RELAY_TARGETS, rnd), results)
         wrk_round(rnd, "filter", SMALL_PATH, env,
                   in_order(live, FILTER_TARGETS, rnd), results)
+        wrk_round(rnd, "floor", SMALL_PATH, env,
+                  in_order(live, FLOOR_TARGETS, rnd), results)
         wrk_round(rnd, "hit", CACHEABLE_PATH, env,
                   in_order(live, CACHE_TARGETS, rnd), results)
         drop_dead(live, results)
