@@ -428,3 +428,23 @@ def test_workers_get_the_metrics_directory_and_each_exit_is_reported():
     plain = EnvClock()
     Workers(1, [[3]], None, 10.0, plain).start()
     assert plain.envs == [os.environ]
+
+
+def test_label_values_stay_bounded_whatever_filters_set():
+    """
+    Past MAX_ERROR_TYPES distinct error types, new ones count as ``other``;
+    a status outside 100-999 (a filter's own response) counts as code
+    ``other``.  Every exchange is still counted.
+    """
+    from proxyframe.plugins.pf_metrics import MAX_ERROR_TYPES
+
+    metrics = Metrics(LOCAL)
+    for i in range(MAX_ERROR_TYPES + 10):
+        metrics.exchange_done(exchange(b"GET", 1234, error=f"made_up_{i}"))
+    get = metrics.registry.get_sample_value
+    assert get("proxyframe_requests_total", {"method": "GET", "code": "other"}) == MAX_ERROR_TYPES + 10
+    assert get("proxyframe_errors_total", {"error": "other"}) == 10
+    assert get("proxyframe_errors_total", {"error": "made_up_0"}) == 1
+    labels = {s.labels["error"] for family in metrics.registry.collect() for s in family.samples
+              if s.name == "proxyframe_errors_total"}
+    assert len(labels) == MAX_ERROR_TYPES + 1

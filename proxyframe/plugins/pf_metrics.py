@@ -66,6 +66,10 @@ OTHER_METHOD = "other"
 #: The ``code`` label of an exchange that ended without a response (the
 #: client left first).
 NO_RESPONSE = "none"
+#: The most ``error`` label values: error types come from the proxy's own
+#: short list, but a filter may set ``exchange.error`` too; past this many,
+#: new ones count as ``"other"``.
+MAX_ERROR_TYPES = 64
 
 #: Upper bounds (seconds) of the duration histogram's buckets: from a cache
 #: hit (about a millisecond) to a slow origin (up to a minute, the default
@@ -89,7 +93,7 @@ class Metrics(Filter):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.listen = listen
-        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.registry = registry = CollectorRegistry()
         self._requests = Counter("proxyframe_requests", "Exchanges finished, by request method and status code",
                                  ("method", "code"), registry=registry)
         self._errors = Counter("proxyframe_errors", "Exchanges the proxy failed, by RFC 9209 error type "
@@ -109,8 +113,9 @@ class Metrics(Filter):
         self._duration = Histogram("proxyframe_request_duration_seconds",
                                    "Seconds from the request head to the exchange's end (tunnels not included)",
                                    buckets=DURATION_BUCKETS, registry=registry).observe
-        # (method label, status or None) -> the child's inc; (error) -> inc.
-        # Bounded: 10 method labels times at most 1000 codes.
+        # (method label, status or None) -> the child's inc; error -> inc.
+        # Bounded: 10 method labels times 900 three-digit codes (RFC 9110
+        # §15), and MAX_ERROR_TYPES.
         self._request_incs: dict = {}
         self._error_incs: dict = {}
 
@@ -127,14 +132,21 @@ class Metrics(Filter):
         status = None if response is None else response.status
         inc = self._request_incs.get((method, status))
         if inc is None:
-            code = NO_RESPONSE if status is None else str(status)  # three digits: bounded
-            inc = self._request_incs[(method, status)] = self._requests.labels(method, code).inc
+            if status is None:
+                inc = self._request_incs[(method, status)] = self._requests.labels(method, NO_RESPONSE).inc
+            elif 100 <= status <= 999:
+                inc = self._request_incs[(method, status)] = self._requests.labels(method, str(status)).inc
+            else:  # a filter's odd status: counted, not cached
+                inc = self._requests.labels(method, OTHER_METHOD).inc
         inc()
         error = exchange.error
         if error is not None:
             inc = self._error_incs.get(error)
             if inc is None:
-                inc = self._error_incs[error] = self._errors.labels(error).inc
+                if len(self._error_incs) < MAX_ERROR_TYPES:
+                    inc = self._error_incs[error] = self._errors.labels(error).inc
+                else:
+                    inc = self._errors.labels(OTHER_METHOD).inc
             inc()
         if method == "CONNECT" and status is not None and 200 <= status < 300:
             self._tunnels()
