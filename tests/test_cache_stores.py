@@ -329,6 +329,19 @@ def test_redis_bad_url_is_a_config_error(url, message):
     assert "s3cret" not in str(caught.value)
 
 
+def test_redis_store_without_its_client_is_a_config_error(monkeypatch, tmp_path):
+    """Without the [redis] extra installed, store = "redis" says what to install."""
+    from proxyframe.config import Config
+    from proxyframe.filters import FilterContext
+    from proxyframe.plugins.pf_cache import CacheFactory
+
+    monkeypatch.setitem(sys.modules, "txredisapi", None)  # import fails as if not installed
+    monkeypatch.delitem(sys.modules, "proxyframe.plugins.pf_cache_redis", raising=False)
+    context = FilterContext(MemoryReactorClock(), Config(), tmp_path, 0)
+    with pytest.raises(ConfigError, match=r"pip install 'proxyframe\[redis\]'"):
+        CacheFactory().build({"store": "redis"}, context)
+
+
 def test_redis_bad_timeout_is_a_config_error():
     """A timeout that is not more than 0 seconds is a ConfigError."""
     from proxyframe.plugins.pf_cache_redis import RedisStore
