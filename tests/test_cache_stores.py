@@ -330,7 +330,12 @@ def test_redis_bad_url_is_a_config_error(url, message):
 
 
 def test_redis_store_without_its_client_is_a_config_error(monkeypatch, tmp_path):
-    """Without the [redis] extra installed, store = "redis" says what to install."""
+    """
+    Without the [redis] extra installed, the store's module still imports
+    (plugin discovery imports every module of proxyframe.plugins, so a
+    failure there would be reported at every start), and store = "redis"
+    says what to install.
+    """
     from proxyframe.config import Config
     from proxyframe.filters import FilterContext
     from proxyframe.plugins.pf_cache import CacheFactory

@@ -621,12 +621,7 @@ def _store(options: dict, context, kind: str, max_bytes: int):
         if not isinstance(path, str) or not path:
             raise ConfigError("path must name the cache directory (store = \"disk\")")
         return DiskStore(context.path(path), max_bytes, reactor)
-    try:
-        from proxyframe.plugins.pf_cache_redis import RedisStore
-    except ModuleNotFoundError as e:
-        # The Redis client is an extra (it brings pyOpenSSL into every process).
-        raise ConfigError(f"store = \"redis\" needs the Redis client, which is not installed "
-                          f"(no module {e.name!r}): pip install 'proxyframe[redis]'") from None
+    from proxyframe.plugins.pf_cache_redis import RedisStore
     url = options.get("redis_url", "redis://127.0.0.1:6379/0")
     prefix = options.get("redis_prefix", "proxyframe:cache:")
     for key, value in (("redis_url", url), ("redis_prefix", prefix)):

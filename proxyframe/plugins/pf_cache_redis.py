@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
@@ -34,6 +33,13 @@ from zope.interface import implementer
 
 from proxyframe.config import ConfigError
 from proxyframe.plugins.pf_cache_store import ICacheStore, LogLimiter, Value, decode_value, encode_value
+
+try:
+    import txredisapi
+except ModuleNotFoundError:
+    # The [redis] extra is not installed.  This module must still import:
+    # plugin discovery imports every module of proxyframe.plugins.
+    txredisapi = None
 
 __all__ = ()
 
@@ -50,7 +56,7 @@ RECONNECT_MAX_DELAY = 2.0
 LOG_INTERVAL = 60.0
 #: What an unreachable, slow, full or misconfigured Redis causes; anything
 #: else is a bug and is logged with its traceback.
-_BACKEND_ERRORS = (txredisapi.RedisError, defer.TimeoutError)
+_BACKEND_ERRORS = (defer.TimeoutError,) if txredisapi is None else (txredisapi.RedisError, defer.TimeoutError)
 
 
 class _NotConnected(Exception):
@@ -124,6 +130,9 @@ class RedisStore:
     """
 
     def __init__(self, url: str, prefix: str, timeout: float, reactor) -> None:
+        if txredisapi is None:
+            raise ConfigError("store = \"redis\" needs the Redis client txredisapi, which is not installed: "
+                              "pip install 'proxyframe[redis]'")
         self._server = _parse_url(url)
         if not timeout > 0:
             raise ConfigError(f"redis store: the timeout must be more than 0 seconds, not {timeout!r}")
