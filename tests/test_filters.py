@@ -444,6 +444,56 @@ def test_filter_in_a_broken_module_stops_the_start_naming_the_error(tmp_path, pl
     assert "Traceback" not in output
 
 
+MARKER_PLUGIN = '''
+from pathlib import Path
+from zope.interface import implementer
+from twisted.plugin import IPlugin
+from proxyframe.filters import Filter
+from proxyframe.interfaces import IFilterFactory
+
+with open({imports!r}, "a") as f:
+    f.write("imported\\n")
+
+
+@implementer(IPlugin, IFilterFactory)
+class MarkerFactory:
+    name, description = "marker", "counts its imports"
+
+    def build(self, options, context):
+        return Filter()
+
+
+marker = MarkerFactory()
+'''
+
+
+def test_only_the_configured_plugin_modules_are_imported(run_proxy, plugin_dir, tmp_path, origin):
+    """
+    A start imports only the modules of the filters it uses, once Twisted's
+    plugin cache knows them (the first start builds it by importing every
+    module); a factory bound to a module-level name unlike its filter name
+    (``factory`` for ``renamed``) is still found, by importing all.
+    """
+    imports = tmp_path / "marker-imports"
+    (plugin_dir / "pft_marker.py").write_text(MARKER_PLUGIN.format(imports=str(imports)))
+    (plugin_dir / "pft_renamed.py").write_text(
+        "from proxyframe.plugins.pft_testfilters import Answer, Factory\n"
+        "factory = Factory('renamed', lambda options, context: Answer())\n")
+
+    def start(use: str, status: int) -> int:
+        proxy = run_proxy(config(plugin_dir, [{"use": use}]))
+        resp, _ = get(proxy, origin.url("/answer"))
+        assert resp.status == status  # the filter is there and working
+        proxy.stop()
+        return len(imports.read_text().splitlines())
+
+    assert start("answer", 418) == 1  # the cache is built: every module imported once
+    assert start("answer", 418) == 1  # from the cache: pft_marker is not imported
+    assert start("broken-hook", 500) == 1  # broken_hook: found by name
+    assert start("marker", 200) == 2
+    assert start("renamed", 418) == 3  # not found by name: everything is imported
+
+
 def test_list_filters_names_each_plugin_and_its_file(tmp_path):
     """--list-filters shows the contrib drop-in with the file it came from."""
     output = list_filters(tmp_path, config(REPO / "plugins", []))
