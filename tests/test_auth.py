@@ -25,11 +25,16 @@ import urllib.request
 import pytest
 from passlib.hash import apr_md5_crypt, bcrypt, sha256_crypt, sha512_crypt
 from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from proxyframe.config import Config, ConfigError
+from proxyframe.exchange import Exchange, Headers, Request
 from proxyframe.filters import FilterContext
 from proxyframe.interfaces import IFilter
+from proxyframe.plugins.pf_auth import Auth
 from proxyframe.plugins.pf_auth import auth as auth_factory
 from support import ProxyProcess, proxy_config
 
@@ -436,6 +441,31 @@ def test_helper_ok_err_and_cache(auth_proxy, origin, helper, curl):
     assert len({pid for pid, _ in helper_calls(log)}) == 1
     assert [r.target for r in origin.requests] == ["/1", "/2", "/5"]
     assert no_proxy_authorization(origin)
+
+
+def test_a_check_that_raises_fails_only_its_request():
+    """
+    A Basic check that raises (instead of failing its Deferred) fails that
+    request, and leaves no check in progress behind: the next request with
+    the same credentials gets a check of its own.
+    """
+    outcomes = [RuntimeError("backend down"), True]
+
+    def check(user: bytes, password: bytes):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return succeed(outcome)
+
+    auth = Auth(Clock(), REALM, ["basic"], check, None, [], cache_ttl=10, nonce_ttl=60)
+    header = b"Basic " + base64.b64encode(b"erin:pw")
+    results = []
+    for _ in range(2):
+        exchange = Exchange("127.0.0.1:5000", "127.0.0.1", Request(
+            b"GET", b"http://example.com/", b"1.1", Headers([(b"Proxy-Authorization", header)])), 0.0)
+        auth.request_received(exchange).addBoth(results.append)
+    assert isinstance(results[0], Failure) and results[0].check(RuntimeError)
+    assert results[1:] == [None] and outcomes == []
 
 
 def test_concurrent_requests_with_the_same_credentials_share_one_check(auth_proxy, origin, helper):

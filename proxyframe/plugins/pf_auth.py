@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -149,13 +149,16 @@ class Auth(Filter):
         # Requests with the same credentials while a check of them runs wait
         # for that check: when a cached success expires under load, one
         # bcrypt runs, not one per connection.
+        # The request waits before the check starts: a check that answers at
+        # once (or raises) still reaches it, and leaves nothing behind.
+        d = Deferred()
+        d.addCallback(self._basic_checked, exchange, name, key)
         waiting = self._checking.get(key)
         if waiting is None:
-            self._checking[key] = waiting = []
-            self._basic_check(user, password).addBoth(self._basic_done, key)
-        d = Deferred()
-        waiting.append(d)
-        d.addCallback(self._basic_checked, exchange, name, key)
+            self._checking[key] = [d]
+            maybeDeferred(self._basic_check, user, password).addBoth(self._basic_done, key)
+        else:
+            waiting.append(d)
         return d
 
     def _basic_done(self, result, key: bytes) -> None:
