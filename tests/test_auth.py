@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 from passlib.hash import apr_md5_crypt, bcrypt, sha256_crypt, sha512_crypt
 from twisted.internet import reactor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -424,15 +424,16 @@ def test_helper_ok_err_and_cache(auth_proxy, origin, helper, curl):
     With a helper, Basic credentials are checked by the helper (Squid's
     protocol: URL-encoded "user password" lines, OK/ERR answers): OK lets
     the request through, ERR is 407.  A second request with the same
-    credentials within cache_ttl is answered from the cache: the helper is
-    not asked again; a failure is never cached.
+    credentials within cache_ttl is answered from the cache, as the same
+    user: the helper is not asked again; a failure is never cached.
     """
     argv, log = helper
     proxy = auth_proxy(helper=argv, cache_ttl=300)
     good = ("--proxy-user", "dave:right pass%")
     status, out = run_curl(curl, proxy, origin.url("/1"), *good)
     assert status == 200 and "X-Auth-User: dave" in out
-    assert run_curl(curl, proxy, origin.url("/2"), *good)[0] == 200
+    status, out = run_curl(curl, proxy, origin.url("/2"), *good)
+    assert status == 200 and "X-Auth-User: dave" in out
     assert [user for _, user in helper_calls(log)] == ["dave"]
     assert run_curl(curl, proxy, origin.url("/3"), "--proxy-user", "dave:wrong")[0] == 407
     assert run_curl(curl, proxy, origin.url("/4"), "--proxy-user", "dave:wrong")[0] == 407
@@ -441,6 +442,95 @@ def test_helper_ok_err_and_cache(auth_proxy, origin, helper, curl):
     assert len({pid for pid, _ in helper_calls(log)}) == 1
     assert [r.target for r in origin.requests] == ["/1", "/2", "/5"]
     assert no_proxy_authorization(origin)
+
+
+def test_cache_hits_keep_each_user_apart_on_one_connection(auth_proxy, origin, helper):
+    """
+    Two users' cached successes, used in turn on one persistent connection
+    (as a downstream proxy would): each request is let through as its own
+    user, and wrong credentials on that connection still get 407.
+    """
+    argv, log = helper
+    proxy = auth_proxy(helper=argv, cache_ttl=300)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+
+    def fetch(credentials: str, path: str) -> tuple[int, str | None]:
+        token = base64.b64encode(credentials.encode()).decode()
+        conn.request("GET", origin.url(path), headers={"Proxy-Authorization": f"Basic {token}"})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("X-Auth-User")
+
+    try:
+        for round_ in range(3):
+            assert fetch("dave:right pass%", f"/d{round_}") == (200, "dave")
+            assert fetch("slow:pw", f"/s{round_}") == (200, "slow")
+            assert fetch("dave:pw", f"/x{round_}")[0] == 407
+    finally:
+        conn.close()
+    assert sorted(user for _, user in helper_calls(log)) == ["dave"] * 4 + ["slow"]
+    assert [r.target for r in origin.requests] == ["/d0", "/s0", "/d1", "/s1", "/d2", "/s2"]
+
+
+def test_cached_success_expires_after_cache_ttl(auth_proxy, origin, helper, curl):
+    """
+    A success is remembered for cache_ttl seconds, no longer: after that the
+    same credentials are checked again (the helper is asked a second time).
+    """
+    argv, log = helper
+    proxy = auth_proxy(helper=argv, cache_ttl=1)
+    good = ("--proxy-user", "dave:right pass%")
+    assert run_curl(curl, proxy, origin.url("/1"), *good)[0] == 200
+    checked = time.monotonic()
+    assert run_curl(curl, proxy, origin.url("/2"), *good)[0] == 200
+    assert len(helper_calls(log)) == 1
+    time.sleep(max(0.0, checked + 1.2 - time.monotonic()))
+    status, out = run_curl(curl, proxy, origin.url("/3"), *good)
+    assert status == 200 and "X-Auth-User: dave" in out
+    assert [user for _, user in helper_calls(log)] == ["dave", "dave"]
+
+
+def test_the_cache_holds_no_credentials():
+    """
+    The cache of successful Basic checks keeps neither the password nor the
+    credentials as sent (base64 is not a secret): its keys are MACs under a
+    per-process key.  Entries expire cache_ttl seconds after the check.
+    """
+    clock = Clock()
+    checks = []
+
+    def check(user: bytes, password: bytes):
+        checks.append(user)
+        return succeed(True)
+
+    auth = Auth(clock, REALM, ["basic"], check, None, [], cache_ttl=10, nonce_ttl=60)
+    token = base64.b64encode(b"erin:s3cret-pass")
+
+    def request() -> Exchange:
+        """One request with the credentials; :returns: its exchange, once the filter let it through."""
+        exchange = Exchange("127.0.0.1:5000", "127.0.0.1", Request(
+            b"GET", b"http://example.com/", b"1.1", Headers([(b"Proxy-Authorization", b"Basic " + token)])), 0.0)
+        answers = []
+        result = auth.request_received(exchange)
+        if isinstance(result, Deferred):
+            result.addBoth(answers.append)
+        else:
+            answers.append(result)
+        assert answers == [None] and exchange.user == "erin"
+        return exchange
+
+    request()
+    request()
+    assert checks == [b"erin"]
+    stored = repr(auth._cache._entries)
+    assert len(auth._cache._entries) == 1
+    assert "s3cret" not in stored and token.decode() not in stored and repr(token) not in stored
+    clock.advance(9.9)
+    request()
+    assert checks == [b"erin"]
+    clock.advance(0.1)
+    request()
+    assert checks == [b"erin", b"erin"]
 
 
 def test_a_check_that_raises_fails_only_its_request():

@@ -22,10 +22,10 @@ Schemes:
     digest_file = "users.htdigest"
 
 Password hashing, file reads and helper answers never run on the reactor
-thread; successful Basic checks are cached (keyed by an HMAC of the
-credentials, never the password itself) for ``cache_ttl`` seconds, so a
-cache hit answers synchronously.  The options are described in
-``docs/filters/auth.rst``.
+thread; successful Basic checks are cached (keyed by a MAC of the
+credentials under a random per-process key, never the password itself) for
+``cache_ttl`` seconds, so a cache hit answers synchronously.  The options
+are described in ``docs/filters/auth.rst``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import hmac
 import os
 import re
@@ -83,6 +84,7 @@ class Auth(Filter):
         self._basic_check = basic_check
         self._digest_file = digest_file
         self._algorithms = algorithms
+        # Successful Basic checks: MAC of the credentials -> user name.
         self._cache = ExpiringMap(reactor, cache_ttl, _CACHE_LIMIT) if cache_ttl > 0 else None
         self._cache_key = os.urandom(32)
         # Credentials (their cache key) being checked -> the requests waiting.
@@ -136,6 +138,18 @@ class Auth(Filter):
     # -- Basic (RFC 7617) ---------------------------------------------------
 
     def _basic(self, exchange, token: bytes):
+        # The cache key is a MAC of the credentials as sent (keyed BLAKE2s,
+        # RFC 7693 §2.9): an entry gives away nothing of the password, and
+        # a hit needs neither base64 nor UTF-8 decoding.  One BLAKE2s of a
+        # token runs about a quarter of the instructions of
+        # hmac.digest(..., "sha256") (OpenSSL looks the digest up and
+        # schedules the key on every call).
+        key = hashlib.blake2s(token, key=self._cache_key).digest()
+        if self._cache is not None:
+            name = self._cache.get(key)
+            if name is not None:
+                exchange.user = name
+                return None
         try:
             user, colon, password = base64.b64decode(token, validate=True).partition(b":")
             name = user.decode("utf-8")
@@ -143,9 +157,6 @@ class Auth(Filter):
             colon = b""
         if not colon:
             return self._refuse(exchange, None, "malformed Basic credentials")
-        key = hmac.digest(self._cache_key, token, "sha256")
-        if self._cache is not None and self._cache.get(key):
-            return self._accept(exchange, name)
         # Requests with the same credentials while a check of them runs wait
         # for that check: when a cached success expires under load, one
         # bcrypt runs, not one per connection.
@@ -173,7 +184,7 @@ class Auth(Filter):
         if not valid:
             return self._refuse(exchange, name, "wrong password or unknown user")
         if self._cache is not None:
-            self._cache.add(key, True)
+            self._cache.add(key, name)
         return self._accept(exchange, name)
 
     # -- Digest (RFC 7616) --------------------------------------------------

@@ -59,14 +59,14 @@ class ExpiringMap:
     """
 
     def __init__(self, reactor, ttl: float, limit: int) -> None:
-        self._reactor = reactor
+        self._seconds = reactor.seconds
         self._ttl = ttl
         self._limit = limit
         # key → (expires, value); insertion order is expiry order.
         self._entries: OrderedDict = OrderedDict()
 
     def add(self, key: bytes, value: object) -> None:
-        now = self._reactor.seconds()
+        now = self._seconds()
         entries = self._entries
         entries.pop(key, None)
         while entries and (next(iter(entries.values()))[0] <= now or len(entries) >= self._limit):
@@ -76,12 +76,11 @@ class ExpiringMap:
     def get(self, key: bytes) -> object | None:
         """:returns: the live value for *key*, or ``None``."""
         entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= self._reactor.seconds():
+        if entry is not None:
+            if entry[0] > self._seconds():
+                return entry[1]
             del self._entries[key]
-            return None
-        return entry[1]
+        return None
 
 
 class Nonces:
