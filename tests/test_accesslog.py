@@ -9,6 +9,7 @@ Every test runs ``twistd proxyframe`` with a real origin and real clients.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import http.client
 import json
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from passlib.hash import apr_md5_crypt
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
@@ -308,6 +310,45 @@ def test_connect_tunnel_is_logged(start, origin, tmp_path):
                         lines["common"]), lines["common"]
     check_json(lines["json"], before, after, method="CONNECT", target=authority, status=200,
                bytes_sent=len(tunnelled), bytes_received=len(request), error=None)
+
+
+def test_squid_line_escapes_user_and_target(origin, tmp_path):
+    """
+    Squid's line shows the authenticated user and the target as sent when
+    they are printable ASCII, and escapes them as Apache does when they are
+    not (``\\"``, ``\\\\``, ``\\xhh`` for each UTF-8 byte): requests by two users
+    on one connection, one plain and one not, each get its own line.
+    """
+    (tmp_path / "users.htpasswd").write_text(
+        f"bench:{apr_md5_crypt.hash('pw')}\njos\u00e9:{apr_md5_crypt.hash('pw')}\n", encoding="utf-8")
+    text = config_text().rstrip("\n") + (
+        '\n[[filter]]\nuse = "auth"\nhtpasswd_file = "users.htpasswd"\n'
+        '[[filter]]\nuse = "accesslog"\nformat = "squid"\npath = "squid.log"\n')
+    proxy = ProxyProcess(text, tmp_path)
+    try:
+        before = time.time()
+        with socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT) as sock:
+            for user, path in ((b"jos\xc3\xa9", b'/a"b\\c'), (b"bench", b"/plain"), (b"jos\xc3\xa9", b"/plain")):
+                credentials = base64.b64encode(user + b":pw")
+                sock.sendall(b"GET http://127.0.0.1:%d%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                             b"Proxy-Authorization: Basic %s\r\n\r\n" % (origin.port, path, origin.port, credentials))
+                data = b""
+                while not data.endswith(b"\r\n\r\nhello"):
+                    chunk = sock.recv(4096)
+                    assert chunk, data
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 200 "), data
+        lines = log_lines(tmp_path / "squid.log", 3)
+        after = time.time()
+    finally:
+        proxy.stop()
+    url = origin.url("")
+    check_squid(lines[0], before, after, f'TCP_MISS/200 5 GET {url}/a\\"b\\\\c jos\\xc3\\xa9 HIER_DIRECT/127.0.0.1 '
+                                         f"text/plain")
+    check_squid(lines[1], before, after, f"TCP_MISS/200 5 GET {url}/plain bench HIER_DIRECT/127.0.0.1 text/plain")
+    check_squid(lines[2], before, after, f"TCP_MISS/200 5 GET {url}/plain jos\\xc3\\xa9 HIER_DIRECT/127.0.0.1 "
+                                         f"text/plain")
+    assert [r.target for r in origin.requests] == ['/a"b\\c', "/plain", "/plain"]
 
 
 # -- files ----------------------------------------------------------------------------

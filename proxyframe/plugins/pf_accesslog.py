@@ -158,17 +158,40 @@ def squid_format() -> Callable:
     Squid's native format (``logformat squid %ts.%03tu %6tr %>a %Ss/%03>Hs
     %<st %rm %ru %[un %Sh/%<a %mt``), stamped with the end of the exchange.
     """
+    search = _UNSAFE.search
+
     def format(exchange) -> str:
+        # Once a line, on the reactor thread: the four text fields are
+        # checked for characters to escape in one search, and escaped one by
+        # one only when that finds some.
         request, response = exchange.request, exchange.response
-        ended = exchange.ended if exchange.ended is not None else exchange.started
-        address = exchange.upstream_address
-        hierarchy = "HIER_DIRECT/" + address if address and not _answered_here(exchange) else "HIER_NONE/-"
-        content_type = None if response is None else response.headers.get(b"content-type")
+        started = exchange.started
+        ended = exchange.ended
+        if ended is None:
+            ended = started
+        elapsed = ended - started if ended > started else 0.0
+        user = exchange.user
+        user = user.encode("utf-8") if user else b""
+        if response is None:
+            status, hierarchy, content_type = 0, "HIER_NONE/-", b""
+        else:
+            status = response.status
+            address = exchange.upstream_address
+            hierarchy = "HIER_DIRECT/" + address if address and response.body is None else "HIER_NONE/-"
+            content_type = response.headers.get(b"content-type") or b""
+            if content_type.find(b";") >= 0:
+                content_type = content_type.split(b";", 1)[0]
+            content_type = content_type.strip()
+        method, target = (b"", b"") if request is None else (request.method, request.target)
+        if method and target and search(method + target + user + content_type) is None:
+            method, target = method.decode("ascii"), target.decode("ascii")
+            user = user.decode("ascii") if user else "-"
+            content_type = content_type.decode("ascii") if content_type else "-"
+        else:
+            method, target, user, content_type = _text(method), _text(target), _text(user), _text(content_type)
         return "%d.%03d %6d %s %s/%03d %d %s %s %s %s %s" % (
-            ended, ended % 1 * 1000, _duration(exchange) * 1000, exchange.client_host,
-            _squid_code(exchange), response.status if response else 0, exchange.bytes_sent,
-            _text(request and request.method), _text(request and request.target), _text(exchange.user),
-            hierarchy, _text(content_type and content_type.split(b";", 1)[0].strip()))
+            ended, ended % 1 * 1000, elapsed * 1000, exchange.client_host, _squid_code(exchange),
+            status, exchange.bytes_sent, method, target, user, hierarchy, content_type)
     return format
 
 
@@ -252,7 +275,8 @@ class _Writer:
         self._file = open_file()
         self._max = max_bytes
         self._reactor = reactor
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._lines: list[bytes] = []
         self._size = 0
         self._reopen = self._closing = False
@@ -261,7 +285,9 @@ class _Writer:
         self._reported = 0
 
     def write(self, line: bytes) -> None:
-        with self._cond:
+        # The lock itself, not the Condition: its __enter__ and __exit__
+        # are C, the Condition's are Python calls, once a line.
+        with self._lock:
             if self._size + len(line) > self._max or self._closing:
                 self.dropped += 1
                 return
