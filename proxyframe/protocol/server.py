@@ -110,6 +110,8 @@ class ProxyServer(Protocol):
         # A response head not yet written: it goes out with the first body
         # bytes, or at the end of the upstream read that brought it.
         self._head_out = b""
+        # A whole response's body while the response phase runs on it.
+        self._local_body = b""
         self._keep_alive = True
         self._response_started = False
         self._phase_pending = False
@@ -660,15 +662,17 @@ class ProxyServer(Protocol):
         hooks = () if filtered or not self._chain.response_hooks else self._chain.response_hooks_for(exchange)
         if hooks:
             self._phase_pending = True
-            run_hooks(hooks, exchange, lambda replacement: self._local_phase_done(replacement, body),
-                      self._filter_failed)
+            # The body waits here rather than in a closure made per response.
+            self._local_body = body
+            run_hooks(hooks, exchange, self._local_phase_done, self._filter_failed)
             if self._phase_pending:
                 self._pause(_PAUSE_FILTERS)
             return
         self._write_local(response, body)
 
-    def _local_phase_done(self, replacement: Response | None, body: bytes) -> None:
+    def _local_phase_done(self, replacement: Response | None) -> None:
         self._phase_pending = False
+        body, self._local_body = self._local_body, b""
         if self._state == _CLOSED:
             return
         self._resume(_PAUSE_FILTERS)
