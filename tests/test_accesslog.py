@@ -125,10 +125,10 @@ def test_get_in_every_format(start, origin, tmp_path):
     conn.request("GET", url, headers={"User-Agent": 'probe/1.0 "x"', "Referer": "http://ref.example/a b"})
     resp = conn.getresponse()
     body = resp.read()
-    after = time.time()
     conn.close()
     assert (resp.status, body, len(origin.requests)) == (200, b"hello", 1)
     lines = logged(tmp_path)
+    after = time.time()  # the line is written after the exchange's end is stamped
 
     check_squid(lines["squid"], before, after, f"TCP_MISS/200 5 GET {url} - HIER_DIRECT/127.0.0.1 text/plain")
     m = re.fullmatch(r'127\.0\.0\.1 - - (\[[^]]+\]) "GET (\S+) HTTP/1\.1" 200 5', lines["common"])
@@ -151,9 +151,9 @@ def test_default_is_squid_format_on_stdout(start, origin):
     conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=TIMEOUT)
     conn.request("GET", url)
     assert conn.getresponse().read() == body_bytes(100)
-    after = time.time()
     conn.close()
     line = proxy.wait_for_line(r"^\d+\.\d{3} ")
+    after = time.time()  # the line is written after the exchange's end is stamped
     check_squid(line, before, after, f"TCP_MISS/200 100 GET {url} - HIER_DIRECT/127.0.0.1 -")
     proxy.stop()
     assert [entry for entry in proxy.lines if re.match(r"\d+\.\d{3} ", entry)] == [line]
@@ -172,9 +172,9 @@ def test_no_config_at_all_relays_loopback_and_logs_squid_lines(origin, tmp_path)
         conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=TIMEOUT)
         conn.request("GET", url)
         assert conn.getresponse().read() == body_bytes(100, seed=9)
-        after = time.time()
         conn.close()
         line = proxy.wait_for_line(r"^\d+\.\d{3} ")
+        after = time.time()  # the line is written after the exchange's end is stamped
     finally:
         proxy.stop()
     assert [r.target for r in origin.requests] == ["/bytes/100?seed=9"]
@@ -238,9 +238,9 @@ def test_default_goes_to_twistd_log_file_when_daemonized(origin, tmp_path):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         conn.request("GET", url)
         assert conn.getresponse().read() == body_bytes(100)
-        after = time.time()
         conn.close()
         wait_until(logged_lines, TIMEOUT, "the access line in the log file")
+        after = time.time()  # the line is written after the exchange's end is stamped
     finally:
         daemon.stop()
     (line,) = logged_lines()
@@ -265,12 +265,12 @@ def test_502_is_logged_with_its_error(start, tmp_path):
     conn.request("GET", url)
     resp = conn.getresponse()
     body = resp.read()
-    after = time.time()
     conn.close()
     error = re.search(r"error=([a-z_]+)", resp.getheader("Proxy-Status"))[1]
     content_type = resp.getheader("Content-Type").split(";")[0]
     assert resp.status == 502 and body
     lines = logged(tmp_path)
+    after = time.time()  # the line is written after the exchange's end is stamped
 
     check_squid(lines["squid"], before, after, f"TCP_MISS/502 {len(body)} GET {url} - HIER_NONE/- {content_type}")
     assert re.fullmatch(rf'127\.0\.0\.1 - - \[[^]]+\] "GET {re.escape(url)} HTTP/1\.1" 502 {len(body)}',
