@@ -18,13 +18,30 @@ import time
 from support import body_sha256
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-#: Most bytes that may be in flight between a blocked sender and a reader
-#: that stopped: the proxy's socket buffers and its write buffer, with the
-#: test's own sockets kept to SMALL_BUFFER.
-IN_FLIGHT_BOUND = 16 * MIB
 #: SO_RCVBUF / SO_SNDBUF of the test's own sockets in back-pressure tests,
 #: so that what is measured is the proxy's buffering.
 SMALL_BUFFER = 256 * KIB
+
+
+def _kernel_max(name: str, default: int) -> int:
+    """The largest buffer TCP autotuning may give a socket (the third
+    number of /proc/sys/net/ipv4/tcp_rmem or tcp_wmem), bytes."""
+    try:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+#: Most bytes that may be in flight between a blocked sender and a reader
+#: that stopped, with the test's own sockets kept to SMALL_BUFFER: what the
+#: kernel may buffer in the proxy's two sockets (a receive buffer it stopped
+#: reading, autotuned up to tcp_rmem's maximum: 32 MiB on some machines; a
+#: send buffer up to tcp_wmem's), plus 1 MiB for the proxy's own write
+#: buffer and the read in hand.  Without back-pressure the whole body
+#: (hundreds of MiB) would go through.
+IN_FLIGHT_BOUND = (_kernel_max("tcp_rmem", 6 * MIB) + _kernel_max("tcp_wmem", 4 * MIB)
+                   + 2 * SMALL_BUFFER + MIB)
 TIMEOUT = 30.0
 
 

@@ -279,7 +279,7 @@ def test_tunnel_passes_on_origin_half_close(start_proxy, origin):
 def test_tunnel_slow_client_pauses_the_origin(start_proxy, origin):
     """
     Back-pressure in a tunnel: an origin sending 256 MiB to a client that
-    reads nothing is blocked after at most 16 MiB; when the client reads,
+    reads nothing is blocked after at most IN_FLIGHT_BOUND; when the client reads,
     everything arrives in order.
     """
     size, sent = 256 * MIB, Progress()
@@ -301,9 +301,9 @@ def test_tunnel_slow_client_pauses_the_origin(start_proxy, origin):
 
 def test_tunnel_slow_origin_pauses_the_client(start_proxy, origin):
     """
-    Back-pressure in a tunnel the other way: a client sending 256 MiB to
-    an origin that reads nothing is blocked after at most 16 MiB; when the
-    origin reads, everything arrives in order.
+    Back-pressure in a tunnel the other way: a client sending 256 MiB to an
+    origin that reads nothing is blocked after at most IN_FLIGHT_BOUND; when
+    the origin reads, everything arrives in order.
     """
     size, sent, gate = 256 * MIB, Progress(), threading.Event()
     record = RecordingOrigin()

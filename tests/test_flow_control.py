@@ -162,8 +162,9 @@ def test_large_upload_is_byte_exact_in_bounded_memory(proxy, origin, chunked, si
 def test_slow_client_pauses_the_origin(proxy, origin):
     """
     A client that stops reading mid-body pauses the origin: once the origin's
-    ``sendall`` blocks, it has sent at most 16 MiB more than the client
-    read (of a 512 MiB body).  When the client reads again the rest flows
+    ``sendall`` blocks, it has sent at most IN_FLIGHT_BOUND (what the kernel
+    may buffer, plus 1 MiB) more than the client read (of a 512 MiB body).
+    When the client reads again the rest flows
     and the whole body's sha256 matches.
     """
     size, sent = 512 * MIB, Progress()
@@ -181,7 +182,7 @@ def test_slow_client_pauses_the_origin(proxy, origin):
 def test_slow_origin_pauses_the_client(proxy, origin):
     """
     An origin that reads nothing pauses the client's upload: the client's
-    blocking ``sendall`` of a 512 MiB body stalls after at most 16 MiB.
+    blocking ``sendall`` of a 512 MiB body stalls after at most IN_FLIGHT_BOUND.
     When the origin reads, the whole body arrives with the right sha256
     and the client gets the origin's 200.
     """
