@@ -186,6 +186,39 @@ def test_two_workers_counts_are_summed_by_the_supervisor_even_after_one_dies(sta
     assert not os.path.exists(directory)
 
 
+def test_cache_results_of_every_worker_are_summed(start_proxy, origin):
+    """
+    With the cache filter before it, the metrics filter counts each
+    exchange's cache result (Squid's code) and the supervisor sums the
+    workers': each worker's memory store misses once, then hits, so 4
+    GETs on a connection to each of 2 workers give TCP_MISS 2, TCP_HIT 6,
+    and the origin sees 2 requests.
+    """
+    def cacheable(conn, req) -> bool:
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nCache-Control: max-age=3600\r\n\r\nfresh")
+        return True
+
+    origin.handler = cacheable
+    proxy = start_proxy(workers=2, filter=[{"use": "cache"}, metrics_filter_entry()])
+    url = metrics_url(proxy)
+    workers = list(serving(proxy, 2).values())
+    for pid in workers:
+        conn = connection_to(proxy.port, pid, workers)
+        try:
+            for _ in range(4):
+                conn.request("GET", origin.url("/stored"))
+                resp = conn.getresponse()
+                assert (resp.status, resp.read()) == (200, b"fresh")
+        finally:
+            conn.close()
+    samples = scrape(url)
+    assert value(samples, "proxyframe_cache_lookups_total", result="TCP_MISS") == 2
+    assert value(samples, "proxyframe_cache_lookups_total", result="TCP_HIT") == 6
+    assert total(samples, "proxyframe_cache_lookups_total") == 8
+    assert value(samples, "proxyframe_requests_total", method="GET", code="200") == 8
+    assert len(origin.requests) == 2
+
+
 # -- integration: workers = 1 ------------------------------------------------------
 
 def test_one_process_serves_its_own_counts(start_proxy, origin, tmp_path):
@@ -432,19 +465,25 @@ def test_workers_get_the_metrics_directory_and_each_exit_is_reported():
 
 def test_label_values_stay_bounded_whatever_filters_set():
     """
-    Past MAX_ERROR_TYPES distinct error types, new ones count as ``other``;
-    a status outside 100-999 (a filter's own response) counts as code
-    ``other``.  Every exchange is still counted.
+    Past MAX_ERROR_TYPES distinct error types (MAX_CACHE_RESULTS cache
+    results), new ones count as ``other``; a status outside 100-999 (a
+    filter's own response) counts as code ``other``.  Every exchange is
+    still counted.
     """
-    from proxyframe.plugins.pf_metrics import MAX_ERROR_TYPES
+    from proxyframe.plugins.pf_metrics import MAX_CACHE_RESULTS, MAX_ERROR_TYPES
 
     metrics = Metrics(LOCAL)
     for i in range(MAX_ERROR_TYPES + 10):
-        metrics.exchange_done(exchange(b"GET", 1234, error=f"made_up_{i}"))
+        done = exchange(b"GET", 1234, error=f"made_up_{i}")
+        done.notes["cache_status"] = f"TCP_MADE_UP_{i}"
+        metrics.exchange_done(done)
     get = metrics.registry.get_sample_value
     assert get("proxyframe_requests_total", {"method": "GET", "code": "other"}) == MAX_ERROR_TYPES + 10
     assert get("proxyframe_errors_total", {"error": "other"}) == 10
     assert get("proxyframe_errors_total", {"error": "made_up_0"}) == 1
-    labels = {s.labels["error"] for family in metrics.registry.collect() for s in family.samples
-              if s.name == "proxyframe_errors_total"}
-    assert len(labels) == MAX_ERROR_TYPES + 1
+    assert get("proxyframe_cache_lookups_total", {"result": "other"}) == MAX_ERROR_TYPES + 10 - MAX_CACHE_RESULTS
+    for name, label, limit in (("proxyframe_errors_total", "error", MAX_ERROR_TYPES),
+                               ("proxyframe_cache_lookups_total", "result", MAX_CACHE_RESULTS)):
+        labels = {s.labels[label] for family in metrics.registry.collect() for s in family.samples
+                  if s.name == name}
+        assert len(labels) == limit + 1

@@ -70,6 +70,10 @@ NO_RESPONSE = "none"
 #: short list, but a filter may set ``exchange.error`` too; past this many,
 #: new ones count as ``"other"``.
 MAX_ERROR_TYPES = 64
+#: The most ``result`` label values of cache lookups: the cache filter's
+#: are Squid's result codes (``TCP_HIT``, ``TCP_MISS``, ...), a handful;
+#: past this many, new ones count as ``"other"``.
+MAX_CACHE_RESULTS = 32
 
 #: Upper bounds (seconds) of the duration histogram's buckets: from a cache
 #: hit (about a millisecond) to a slow origin (up to a minute, the default
@@ -110,19 +114,26 @@ class Metrics(Filter):
                                     registry=registry).inc
         self._tunnel_received = Counter("proxyframe_tunnel_received_bytes",
                                         "Bytes relayed from clients through tunnels", registry=registry).inc
+        self._cache_lookups = Counter("proxyframe_cache_lookups",
+                                      "Exchanges a cache filter looked up, by its Squid result code "
+                                      "(exchange.notes['cache_status'], e.g. TCP_HIT)", ("result",),
+                                      registry=registry)
         self._duration = Histogram("proxyframe_request_duration_seconds",
                                    "Seconds from the request head to the exchange's end (tunnels not included)",
                                    buckets=DURATION_BUCKETS, registry=registry).observe
-        # (method label, status or None) -> the child's inc; error -> inc.
-        # Bounded: 10 method labels times 900 three-digit codes (RFC 9110
-        # §15), and MAX_ERROR_TYPES.
+        # (method label, status or None) -> the child's inc; error -> inc;
+        # cache result -> inc.  Bounded: 10 method labels times 900
+        # three-digit codes (RFC 9110 §15), MAX_ERROR_TYPES and
+        # MAX_CACHE_RESULTS.
         self._request_incs: dict = {}
         self._error_incs: dict = {}
+        self._cache_incs: dict = {}
 
     def exchange_done(self, exchange) -> None:
         """
         Count *exchange*: one request by method and code, its body bytes
-        (or its tunnel's bytes), its error type if any, and its duration
+        (or its tunnel's bytes), its error type if any, the cache filter's
+        result for it if any (``exchange.notes["cache_status"]``), and its duration
         (``ended - started``; tunnels, which may last hours, are left out
         of the histogram).
         """
@@ -141,13 +152,10 @@ class Metrics(Filter):
         inc()
         error = exchange.error
         if error is not None:
-            inc = self._error_incs.get(error)
-            if inc is None:
-                if len(self._error_incs) < MAX_ERROR_TYPES:
-                    inc = self._error_incs[error] = self._errors.labels(error).inc
-                else:
-                    inc = self._errors.labels(OTHER_METHOD).inc
-            inc()
+            _bounded_inc(self._error_incs, self._errors, error, MAX_ERROR_TYPES)
+        result = exchange.notes.get("cache_status")
+        if result is not None:
+            _bounded_inc(self._cache_incs, self._cache_lookups, str(result), MAX_CACHE_RESULTS)
         if method == "CONNECT" and status is not None and 200 <= status < 300:
             self._tunnels()
             if exchange.bytes_sent:
@@ -183,6 +191,21 @@ class Metrics(Filter):
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=multiprocess_dir)
         return _MetricsSite(_MetricsPage(registry, reactor))
+
+
+def _bounded_inc(incs: dict, counter, label: str, limit: int) -> None:
+    """
+    Count one for *label* of *counter* (a one-label ``Counter``), keeping
+    each label's ``inc`` in *incs*; past *limit* labels, new ones count as
+    ``"other"``, so that values a filter makes up cannot grow the series.
+    """
+    inc = incs.get(label)
+    if inc is None:
+        if len(incs) < limit:
+            inc = incs[label] = counter.labels(label).inc
+        else:
+            inc = counter.labels(OTHER_METHOD).inc
+    inc()
 
 
 #: The media type of what ``generate_latest`` writes: the Prometheus text
