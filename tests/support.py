@@ -331,6 +331,19 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def start_failure(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    """
+    Run ``twistd -n proxyframe`` with the config *text* (written to
+    ``tmp_path/bad.toml``), expecting it to stop at start: its exit status
+    and output, within 60 s.
+    """
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return subprocess.run(twistd_command() + ["-n", "--pidfile=", "proxyframe", "--config", str(path)],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=60)
+
+
 class ProxyProcess:
     """
     ``twistd -n proxyframe --config FILE`` as a subprocess, using this

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rawhttp import Client
-from support import REPO, ProxyProcess, body_bytes, twistd_command
+from support import REPO, ProxyProcess, body_bytes, start_failure, twistd_command
 
 # A drop-in plugin module written by the tests: "tag" records its label on
 # the way in (request field), on the way out (response field) and at the
@@ -351,14 +351,6 @@ def test_drop_in_contrib_filter_from_the_repository(run_proxy, origin):
     (seen,) = origin.requests
     assert seen.header("X-Forwarded-Proto") == "http"
     assert seen.header("Cookie") is None
-
-
-def start_failure(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "bad.toml"
-    path.write_text(text)
-    return subprocess.run(twistd_command() + ["-n", "--pidfile=", "proxyframe", "--config", str(path)],
-                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_unknown_filter_stops_the_start(tmp_path, plugin_dir):

@@ -20,10 +20,8 @@ import re
 import signal
 import socket
 import stat
-import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,7 +30,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from flowtools import TIMEOUT
-from support import REPO, Origin, body_bytes, proxy_config, twistd_command, wait_until
+from support import Origin, body_bytes, proxy_config, start_failure, wait_until
 from test_workers import ProcessClock, connection_to, end, open_fds, serving
 from proxyframe import ConfigError, load_config
 from proxyframe.chain import build_chain
@@ -116,14 +114,6 @@ def environment(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         pairs = [entry.split(b"=", 1) for entry in f.read().split(b"\0") if b"=" in entry]
     return {k.decode(): v.decode() for k, v in pairs}
-
-
-def start_failure(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "bad.toml"
-    path.write_text(text)
-    return subprocess.run(twistd_command() + ["-n", "--pidfile=", "proxyframe", "--config", str(path)],
-                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=60)
 
 
 # -- integration: workers = 2 ------------------------------------------------------
