@@ -65,24 +65,24 @@ def proxyframe_response() -> Response:
     return response
 
 
-def httptools_request(httptools) -> Request:
+def _httptools_parse(parser_class, data: bytes) -> tuple:
+    """Feed *data* to a new httptools parser; the parser, the start line's text, and the Headers."""
     collected = _Collect()
-    parser = httptools.HttpRequestParser(collected)
-    parser.feed_data(REQUEST)
+    parser = parser_class(collected)
+    parser.feed_data(data)
     headers = Headers(collected.fields)
-    request = Request(parser.get_method(), collected.text, parser.get_http_version().encode(), headers)
     headers.get(b"connection")
-    return request
+    return parser, collected.text, headers
+
+
+def httptools_request(httptools) -> Request:
+    parser, target, headers = _httptools_parse(httptools.HttpRequestParser, REQUEST)
+    return Request(parser.get_method(), target, parser.get_http_version().encode(), headers)
 
 
 def httptools_response(httptools) -> Response:
-    collected = _Collect()
-    parser = httptools.HttpResponseParser(collected)
-    parser.feed_data(RESPONSE)
-    headers = Headers(collected.fields)
-    response = Response(parser.get_status_code(), collected.text, headers, parser.get_http_version().encode())
-    headers.get(b"connection")
-    return response
+    parser, reason, headers = _httptools_parse(httptools.HttpResponseParser, RESPONSE)
+    return Response(parser.get_status_code(), reason, headers, parser.get_http_version().encode())
 
 
 def best_us(function, number: int = 100_000, repeat: int = 5) -> float:
