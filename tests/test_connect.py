@@ -2,15 +2,19 @@
 CONNECT tunnels (RFC 9110 §9.3.6): authority-form target, a port
 allow-list from the config (default 443 only, others 403), then a 200 and
 a byte-exact bidirectional tunnel with back-pressure and half-close passed
-on in each direction.
+on in each direction.  The tunnel tests run with each relay: splice(2) in
+the kernel (the default on Linux) and Python (``splice_tunnels = false``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
+import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -114,6 +118,27 @@ def refused(proxy, target: str) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+@pytest.fixture(params=[True, False], ids=["splice", "python"])
+def tunnel_proxy(request, start_proxy):
+    """``start_proxy`` with ``splice_tunnels`` set to each value in turn; ``.splice`` says which."""
+    def start(**config):
+        return start_proxy(splice_tunnels=request.param, **config)
+    start.splice = request.param
+    return start
+
+
+def pipe_descriptors(pid: int) -> int:
+    """How many pipe ends process *pid* has open."""
+    fds = f"/proc/{pid}/fd"
+    count = 0
+    for name in os.listdir(fds):
+        try:
+            count += os.readlink(f"{fds}/{name}").startswith("pipe:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
 class RecordingOrigin:
     """What a raw tunnel origin received, filled in by its thread."""
 
@@ -124,14 +149,14 @@ class RecordingOrigin:
 
 # -- curl over TLS ----------------------------------------------------------------
 
-def test_curl_https_through_tunnel_is_byte_exact(start_proxy, tls_origin, curl, tmp_path):
+def test_curl_https_through_tunnel_is_byte_exact(tunnel_proxy, tls_origin, curl, tmp_path):
     """
     curl fetches https:// through the proxy with CONNECT (to a port in
     ``connect_ports``): the TLS session runs end to end, the body is byte
     exact, and the origin saw exactly one request, unmodified by the proxy
     (no Via: a tunnel does not touch the bytes).
     """
-    proxy = start_proxy(connect_ports=[tls_origin.port])
+    proxy = tunnel_proxy(connect_ports=[tls_origin.port])
     out = tmp_path / "body"
     result = subprocess.run(
         [curl, "-sS", "-k", "-x", proxy.url, f"https://127.0.0.1:{tls_origin.port}/bytes/5000000?seed=7",
@@ -221,7 +246,7 @@ def test_malformed_connect_target_is_400(start_proxy, listener, template):
 # -- the tunnel -------------------------------------------------------------------
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["after-200", "pipelined"])
-def test_tunnel_is_byte_exact_and_passes_on_client_half_close(start_proxy, origin, pipelined):
+def test_tunnel_is_byte_exact_and_passes_on_client_half_close(tunnel_proxy, origin, pipelined):
     """
     Bytes the client sends (after the 200, or in the same write as the
     CONNECT head) reach the origin exactly; the client's half-close
@@ -237,7 +262,7 @@ def test_tunnel_is_byte_exact_and_passes_on_client_half_close(start_proxy, origi
         sock.sendall(reply)
 
     origin.raw = raw
-    proxy = start_proxy(connect_ports=[origin.port])
+    proxy = tunnel_proxy(connect_ports=[origin.port])
     payload = body_bytes(size, seed=8)
     early, later = (payload, b"") if pipelined else (b"", payload)
     with open_tunnel(proxy, origin.port, early=early) as sock:
@@ -249,7 +274,7 @@ def test_tunnel_is_byte_exact_and_passes_on_client_half_close(start_proxy, origi
     assert (len(received), sha(received)) == (len(reply), sha(reply))
 
 
-def test_tunnel_passes_on_origin_half_close(start_proxy, origin):
+def test_tunnel_passes_on_origin_half_close(tunnel_proxy, origin):
     """
     The origin sends data then half-closes while still reading: the client
     gets the data then EOF, yet can still send, and the origin receives
@@ -265,7 +290,7 @@ def test_tunnel_passes_on_origin_half_close(start_proxy, origin):
         record.done.set()
 
     origin.raw = raw
-    proxy = start_proxy(connect_ports=[origin.port])
+    proxy = tunnel_proxy(connect_ports=[origin.port])
     with open_tunnel(proxy, origin.port) as sock:
         received = recv_all(sock)
         assert (len(received), sha(received)) == (len(down), sha(down))
@@ -276,7 +301,7 @@ def test_tunnel_passes_on_origin_half_close(start_proxy, origin):
     assert (record.body.length, record.body.hexdigest()) == (len(up), sha(up))
 
 
-def test_tunnel_slow_client_pauses_the_origin(start_proxy, origin):
+def test_tunnel_slow_client_pauses_the_origin(tunnel_proxy, origin):
     """
     Back-pressure in a tunnel: an origin sending 256 MiB to a client that
     reads nothing is blocked after at most IN_FLIGHT_BOUND; when the client reads,
@@ -291,7 +316,7 @@ def test_tunnel_slow_client_pauses_the_origin(start_proxy, origin):
             sent.add(len(piece))
 
     origin.raw = raw
-    proxy = start_proxy(connect_ports=[origin.port])
+    proxy = tunnel_proxy(connect_ports=[origin.port])
     with open_tunnel(proxy, origin.port, option=socket.SO_RCVBUF) as sock:
         stalled_at = sent.wait_stalled()
         assert stalled_at < IN_FLIGHT_BOUND, f"origin sent {stalled_at / MIB:.1f} MiB into the tunnel"
@@ -299,7 +324,7 @@ def test_tunnel_slow_client_pauses_the_origin(start_proxy, origin):
     assert (body.length, body.hexdigest()) == (size, expected_sha256(size, 5))
 
 
-def test_tunnel_slow_origin_pauses_the_client(start_proxy, origin):
+def test_tunnel_slow_origin_pauses_the_client(tunnel_proxy, origin):
     """
     Back-pressure in a tunnel the other way: a client sending 256 MiB to an
     origin that reads nothing is blocked after at most IN_FLIGHT_BOUND; when
@@ -315,7 +340,7 @@ def test_tunnel_slow_origin_pauses_the_client(start_proxy, origin):
             record.done.set()
 
     origin.raw = raw
-    proxy = start_proxy(connect_ports=[origin.port])
+    proxy = tunnel_proxy(connect_ports=[origin.port])
     with open_tunnel(proxy, origin.port, option=socket.SO_SNDBUF) as sock:
         def send():
             for piece in body_chunks(size, seed=6):
@@ -331,3 +356,125 @@ def test_tunnel_slow_origin_pauses_the_client(start_proxy, origin):
         assert stalled_at < IN_FLIGHT_BOUND, f"client sent {stalled_at / MIB:.1f} MiB into the tunnel"
         assert record.done.wait(TIMEOUT), "the origin did not read the whole upload"
     assert (record.body.length, record.body.hexdigest()) == (size, expected_sha256(size, 6))
+
+
+def test_concurrent_tunnels_are_byte_exact(tunnel_proxy, origin):
+    """
+    Twelve tunnels at once, each sending a different body each way while
+    the other way flows: every byte arrives at its own peer, in order (the
+    splice relay's pipes are shared between tunnels while empty).
+    """
+    count = 12
+    records: dict[int, RecordingOrigin] = {}
+    lock = threading.Lock()
+
+    def raw(sock):
+        number = int(sock.recv(2))
+        record = RecordingOrigin()
+        with lock:
+            records[number] = record
+        threading.Thread(target=sock.sendall, args=(body_bytes(MIB + 97 * number, seed=100 + number),),
+                         daemon=True).start()
+        record.body = hash_until_eof(sock)
+        record.done.set()
+
+    origin.raw = raw
+    proxy = tunnel_proxy(connect_ports=[origin.port])
+    received: dict[int, BodyHash] = {}
+
+    def client(number: int) -> None:
+        with open_tunnel(proxy, origin.port, early=b"%02d" % number) as sock:
+            up = body_bytes(2 * MIB + 31 * number, seed=200 + number)
+            sender = threading.Thread(target=sock.sendall, args=(up,), daemon=True)
+            sender.start()
+            body = BodyHash()
+            while body.length < MIB + 97 * number and (piece := sock.recv(MIB)):
+                body.update(piece)
+            received[number] = body
+            sender.join(TIMEOUT)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert sorted(received) == list(range(count))
+    for n in range(count):
+        down = received[n]
+        assert (down.length, down.hexdigest()) == (MIB + 97 * n, expected_sha256(MIB + 97 * n, 100 + n))
+        assert records[n].done.wait(TIMEOUT)
+        up = records[n].body
+        assert (up.length, up.hexdigest()) == (2 * MIB + 31 * n, expected_sha256(2 * MIB + 31 * n, 200 + n))
+
+
+def test_origin_reset_ends_the_tunnel(tunnel_proxy, origin):
+    """
+    The origin resets its connection mid-stream: the client's connection is
+    closed too (no hang), and the proxy opens the next tunnel as usual.
+    """
+    def raw(sock):
+        if sock.recv(5) == b"reset":
+            sock.sendall(body_bytes(MIB, seed=11))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            sock.sendall(b"fine")
+        sock.close()
+
+    origin.raw = raw
+    proxy = tunnel_proxy(connect_ports=[origin.port])
+    with open_tunnel(proxy, origin.port) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.sendall(b"reset")
+        try:
+            while sock.recv(MIB):
+                pass
+        except ConnectionResetError:
+            pass
+    with open_tunnel(proxy, origin.port) as sock:
+        sock.sendall(b"other")
+        assert recv_all(sock) == b"fine"
+
+
+def test_relay_in_use_is_the_configured_one(tunnel_proxy, origin):
+    """
+    Which relay runs: with a tunnel stalled both ways (neither peer reads),
+    the splice relay holds the waiting bytes in a pipe per direction (one
+    more pipe than it keeps for reuse after a first tunnel); the Python
+    relay holds them in its transports and opens no pipe.
+    """
+    gate = threading.Event()
+    sent_up, sent_down = Progress(), Progress()
+
+    def flood(sock, progress):
+        try:
+            for piece in body_chunks(64 * MIB, seed=12):
+                sock.sendall(piece)
+                progress.add(len(piece))
+        except OSError:
+            pass
+
+    def raw(sock):
+        if sock.recv(5) == b"stall":
+            threading.Thread(target=flood, args=(sock, sent_down), daemon=True).start()
+            gate.wait(TIMEOUT)
+        sock.close()
+
+    origin.raw = raw
+    proxy = tunnel_proxy(connect_ports=[origin.port])
+    with open_tunnel(proxy, origin.port) as sock:
+        sock.sendall(b"first")
+        assert recv_all(sock) == b""
+    time.sleep(0.5)  # the first tunnel's close reaches the proxy
+    before = pipe_descriptors(proxy.pid)
+    with open_tunnel(proxy, origin.port) as sock:
+        sock.sendall(b"stall")
+        threading.Thread(target=flood, args=(sock, sent_up), daemon=True).start()
+        try:
+            sent_up.wait_stalled()
+            sent_down.wait_stalled()
+            added = pipe_descriptors(proxy.pid) - before
+        finally:
+            gate.set()
+    assert added == (2 if tunnel_proxy.splice else 0), added

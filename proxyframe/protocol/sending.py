@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from twisted.internet.tcp import Connection
 
-__all__ = ["write", "write_sequence"]
+__all__ = ["nothing_queued", "write", "write_sequence"]
 
 
-def _idle(transport) -> bool:
+def nothing_queued(transport) -> bool:
     """Whether *transport* is a TCP connection with nothing queued, open for writing."""
     return (isinstance(transport, Connection) and transport.connected and not transport.disconnecting
             and not transport._writeDisconnecting and not transport._tempDataLen
@@ -32,7 +32,7 @@ def write(transport, data: bytes) -> None:
     ``transport.write``).  A lost connection is left for the transport to
     notice, as with a queued write.
     """
-    if data and _idle(transport):
+    if data and nothing_queued(transport):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             if sent == len(data):
@@ -43,7 +43,7 @@ def write(transport, data: bytes) -> None:
 
 def write_sequence(transport, pieces: list[bytes]) -> None:
     """:func:`write` for several pieces (joined when they can go at once)."""
-    if _idle(transport):
+    if nothing_queued(transport):
         write(transport, b"".join(pieces))
     else:
         transport.writeSequence(pieces)

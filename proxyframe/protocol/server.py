@@ -40,7 +40,8 @@ from proxyframe.http1 import (
     request_body_reader,
 )
 from proxyframe.protocol.sending import write, write_sequence
-from proxyframe.protocol.tunnel import Tunnel, TunnelUpstream
+from proxyframe.protocol.splice import SpliceTunnel
+from proxyframe.protocol.tunnel import Tunnel, TunnelUpstream, open_tunnel
 from proxyframe.protocol.upstream import UpstreamConnection, UpstreamPool, connect_error
 
 __all__ = ["ProxyFactory", "ProxyServer", "PIPELINE_BUFFER"]
@@ -103,7 +104,7 @@ class ProxyServer(Protocol):
         self._rest = b""
         self._producer: UpstreamConnection | None = None
         self._upstream: UpstreamConnection | None = None
-        self._tunnel: Tunnel | None = None
+        self._tunnel: Tunnel | SpliceTunnel | None = None
         self._reader: BodyReader | None = None
         self._early = b""
         self._head_bytes = b""
@@ -775,16 +776,14 @@ class ProxyServer(Protocol):
         exchange = self.exchange
         exchange.upstream_address = upstream.transport.getPeer().host
         exchange.response = Response(200, b"Connection established", Headers())
-        self.transport.write(_CONNECTION_ESTABLISHED)
+        write(self.transport, _CONNECTION_ESTABLISHED)
         self._state = _TUNNEL
         self._pause_bits = 0
-        self._tunnel = upstream.tunnel = Tunnel(self.transport, upstream.transport, self._tunnel_closed)
-        self.transport.resumeProducing()
         early, self._early, self._buf = self._early + bytes(self._buf), b"", bytearray()
-        if early:
-            self._tunnel.from_client(early)
+        self._tunnel = upstream.tunnel = open_tunnel(
+            self.transport, upstream.transport, self._tunnel_closed, early, self.factory.config.splice_tunnels)
 
-    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+    def _tunnel_closed(self, tunnel: Tunnel | SpliceTunnel) -> None:
         exchange = self.exchange
         if exchange is not None:
             exchange.bytes_sent = tunnel.bytes_down

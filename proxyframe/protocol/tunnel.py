@@ -6,7 +6,8 @@ Each transport is registered as the other's streaming producer, so a side
 that reads slowly pauses the side that writes.  An end-of-stream from one
 side is passed on as a half-close (``shutdown(SHUT_WR)``) to the other, and
 the tunnel closes once both directions have ended or either connection is
-lost.
+lost.  :func:`open_tunnel` prefers :class:`~proxyframe.protocol.splice.SpliceTunnel`
+(the same relay inside the kernel) where it can be used.
 """
 
 from __future__ import annotations
@@ -18,8 +19,36 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from proxyframe.protocol.sending import write
+from proxyframe.protocol.splice import SpliceTunnel, splice_available
 
-__all__ = ["Tunnel", "TunnelUpstream"]
+__all__ = ["Tunnel", "TunnelUpstream", "open_tunnel"]
+
+
+def open_tunnel(client, upstream, on_closed: Callable, early: bytes, splice: bool) -> Tunnel | SpliceTunnel:
+    """
+    Start relaying between two connected transports.
+
+    :param client: the client's transport, the 2xx already written to it.
+    :param upstream: the upstream's transport.
+    :param on_closed: called once, with the tunnel, when it is over.
+    :param early: bytes the client sent after the CONNECT head, before the
+        2xx: they go upstream first.
+    :param splice: relay with ``splice(2)`` where :func:`splice_available`
+        allows (the ``splice_tunnels`` setting); otherwise, or when no pipe
+        can be made (``EMFILE``), through Python with :class:`Tunnel`.
+    :returns: the tunnel; its ``bytes_up`` count includes *early*.
+    """
+    if early:
+        write(upstream, early)
+    if splice and splice_available(client, upstream):
+        try:
+            return SpliceTunnel(client, upstream, on_closed, bytes_up=len(early))
+        except OSError:
+            pass
+    relay = Tunnel(client, upstream, on_closed)
+    relay.bytes_up = len(early)
+    client.resumeProducing()
+    return relay
 
 
 class Tunnel:

@@ -1,0 +1,293 @@
+"""
+A CONNECT tunnel relayed inside the kernel with ``splice(2)`` (Linux).
+
+The relay in :mod:`proxyframe.protocol.tunnel` copies every byte from the
+kernel into a Python ``bytes`` and back.  Here ``splice`` moves what one
+socket received into a pipe, and from the pipe into the other socket, so
+the bytes never enter the process (HAProxy does the same).  The proxy's
+work per read is two system calls.
+
+Twisted's reactor still does the waiting: each socket is registered as one
+:class:`_End`, readable for the direction it feeds and writable for the
+direction it drains (the reactor keeps one registration per descriptor).
+The transports themselves are taken off the reactor while the tunnel runs,
+and given back to close: their protocols see ``connectionLost`` as usual.
+
+A direction holds a pipe only while bytes wait in it for a slow sink: the
+others are back in a small per-process pool at once, so idle tunnels hold
+no pipe (a user's pipes count against ``fs.pipe-user-pages-soft``).  Pipes
+are made 1 MiB large (``fs.pipe-max-size``'s default) where the system
+allows, as fewer, larger moves cost less CPU per byte; where it does not,
+the default size works the same, only with more moves.
+
+Back-pressure is the pipe's: a direction reads only when its pipe is empty,
+so at most one pipe's worth is held per direction, plus the sockets' own
+buffers.  An end-of-stream is passed on as a half-close
+(``shutdown(SHUT_WR)``) once the pipe is drained; the tunnel closes when
+both directions have ended, and is aborted when either socket fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+
+from twisted.internet.tcp import Connection
+
+from proxyframe.protocol.sending import nothing_queued
+
+__all__ = ["SpliceTunnel", "splice_available"]
+
+# The pipe size asked for, and the most one splice(2) moves (bytes).
+_PIPE_SIZE = 1 << 20
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+# Empty pipes kept for the next tunnel that reads.
+_POOL_SIZE = 8
+
+
+class _PipePool:
+    """Empty pipes, shared by the process's tunnels: ``(read end, write end)`` pairs."""
+
+    def __init__(self) -> None:
+        self._free: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        """:raises OSError: no pipe could be made (e.g. ``EMFILE``)."""
+        if self._free:
+            return self._free.pop()
+        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # over fs.pipe-max-size or the user's quota: the default size works
+        return pipe
+
+    def give_back(self, pipe: tuple[int, int], empty: bool = True) -> None:
+        """Keep *pipe* for reuse if *empty* and there is room, else close it."""
+        if empty and len(self._free) < _POOL_SIZE:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+_pipes = _PipePool()
+
+
+def splice_available(client, upstream) -> bool:
+    """
+    Whether a tunnel between these transports can be relayed by
+    :class:`SpliceTunnel`: the system has ``splice(2)``, both are plain
+    (not TLS) TCP connections still open, and neither has bytes queued for
+    writing (they would be overtaken).
+    """
+    return hasattr(os, "splice") and all(
+        nothing_queued(t) and not getattr(t, "TLS", False) for t in (client, upstream))
+
+
+class SpliceTunnel:
+    """
+    The splice between a client transport and an upstream transport, in
+    the kernel.  Same interface as :class:`~proxyframe.protocol.tunnel.Tunnel`.
+
+    :ivar bytes_up: bytes relayed client → upstream (``int``).
+    :ivar bytes_down: bytes relayed upstream → client (``int``).
+    """
+
+    def __init__(self, client: Connection, upstream: Connection,
+                 on_closed: Callable[[SpliceTunnel], object], bytes_up: int = 0) -> None:
+        """
+        :param client: the client's transport (see :func:`splice_available`).
+        :param upstream: the upstream's transport.
+        :param on_closed: called once, with this tunnel, when it is over.
+        :param bytes_up: bytes already relayed client → upstream.
+        :raises OSError: no pipe could be made (e.g. ``EMFILE``); nothing
+            was changed, so the caller can relay in Python instead.
+        """
+        _pipes.give_back(_pipes.take())
+        self.client = client
+        self.upstream = upstream
+        self._on_closed: Callable[[SpliceTunnel], object] | None = on_closed
+        self._reactor = client.reactor
+        client_end, upstream_end = _End(self, client), _End(self, upstream)
+        self._up = _Direction(self, client_end, upstream_end)
+        self._down = _Direction(self, upstream_end, client_end)
+        self._up.count = bytes_up
+        self._ends = (client_end, upstream_end)
+        for transport in (client, upstream):
+            transport.stopReading()
+            transport.stopWriting()
+        self._up.start()
+        self._down.start()
+
+    @property
+    def bytes_up(self) -> int:
+        return self._up.count
+
+    @property
+    def bytes_down(self) -> int:
+        return self._down.count
+
+    def direction_ended(self) -> None:
+        if self._up.ended and self._down.ended:
+            self.close()
+
+    def close(self) -> None:
+        """
+        End the tunnel: both connections are closed (nothing is queued in
+        their transports; what the pipes still hold is dropped).
+        """
+        self._finish(lambda transport: transport.loseConnection())
+
+    def abort(self) -> None:
+        """End the tunnel at once (a socket failed, or the shutdown grace expired)."""
+        self._finish(lambda transport: transport.abortConnection())
+
+    def _finish(self, end_transport: Callable[[Connection], object]) -> None:
+        if self._on_closed is None:
+            return
+        on_closed, self._on_closed = self._on_closed, None
+        # Off the reactor before the transports touch it: it knows one
+        # registration per descriptor, and the transports' stopReading
+        # would remove ours.
+        for end in self._ends:
+            self._reactor.removeReader(end)
+            self._reactor.removeWriter(end)
+        self._up.release_pipe()
+        self._down.release_pipe()
+        for transport in (self.client, self.upstream):
+            end_transport(transport)
+        on_closed(self)
+
+
+class _End:
+    """One socket of the tunnel, as the reactor sees it (an ``IReadWriteDescriptor``)."""
+
+    def __init__(self, tunnel: SpliceTunnel, transport: Connection) -> None:
+        self.tunnel = tunnel
+        self.socket: socket.socket = transport.socket
+        self.fd = transport.fileno()
+        self.reading = self.writing = False
+        # The direction this socket feeds, and the one it drains.
+        self.feeds: _Direction | None = None
+        self.drains: _Direction | None = None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "SpliceTunnel"
+
+    def doRead(self) -> None:
+        self.feeds.pull()
+
+    def doWrite(self) -> None:
+        self.drains.push()
+
+    def connectionLost(self, reason) -> None:
+        """The reactor saw the socket fail (error or hang-up while only writing)."""
+        self.tunnel.abort()
+
+    def start_reading(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.tunnel._reactor.addReader(self)
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.tunnel._reactor.removeReader(self)
+
+    def start_writing(self) -> None:
+        if not self.writing:
+            self.writing = True
+            self.tunnel._reactor.addWriter(self)
+
+    def stop_writing(self) -> None:
+        if self.writing:
+            self.writing = False
+            self.tunnel._reactor.removeWriter(self)
+
+
+class _Direction:
+    """The bytes from one socket to the other, through a pipe while they wait."""
+
+    def __init__(self, tunnel: SpliceTunnel, source: _End, sink: _End) -> None:
+        self.tunnel = tunnel
+        self.source, self.sink = source, sink
+        source.feeds = sink.drains = self
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0
+        self.count = 0
+        self.eof = False
+        self.ended = False
+
+    def start(self) -> None:
+        self.source.start_reading()
+
+    def pull(self) -> None:
+        """The source is readable (the pipe is empty): move what it has into the pipe."""
+        if self.pipe is None:
+            try:
+                self.pipe = _pipes.take()
+            except OSError:
+                self.tunnel.abort()
+                return
+        try:
+            moved = os.splice(self.source.fd, self.pipe[1], _PIPE_SIZE, flags=_FLAGS)
+        except BlockingIOError:
+            moved = -1
+        except OSError:
+            self.tunnel.abort()
+            return
+        if moved <= 0:
+            self.release_pipe()
+            if moved == 0:
+                self.eof = True
+                self.source.stop_reading()
+                self._pass_on_end()
+            return
+        self.in_pipe += moved
+        self.count += moved
+        self.push()
+
+    def push(self) -> None:
+        """Move the pipe's bytes into the sink; read again only once it is empty."""
+        while self.in_pipe:
+            try:
+                moved = os.splice(self.pipe[0], self.sink.fd, self.in_pipe, flags=_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.tunnel.abort()
+                return
+            self.in_pipe -= moved
+        if self.in_pipe:
+            self.source.stop_reading()
+            self.sink.start_writing()
+            return
+        self.release_pipe()
+        self.sink.stop_writing()
+        if self.eof:
+            self._pass_on_end()
+        else:
+            self.source.start_reading()
+
+    def _pass_on_end(self) -> None:
+        if self.in_pipe or self.ended:
+            return
+        self.ended = True
+        try:
+            self.sink.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.tunnel.abort()
+            return
+        self.tunnel.direction_ended()
+
+    def release_pipe(self) -> None:
+        """Give the pipe back to the pool (closed instead if bytes are left in it)."""
+        if self.pipe is not None:
+            pipe, self.pipe = self.pipe, None
+            _pipes.give_back(pipe, empty=not self.in_pipe)
