@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -478,3 +479,59 @@ def test_relay_in_use_is_the_configured_one(tunnel_proxy, origin):
         finally:
             gate.set()
     assert added == (2 if tunnel_proxy.splice else 0), added
+
+
+def test_client_reset_ends_the_tunnel(tunnel_proxy, origin):
+    """
+    The client resets its connection while the origin is sending: the
+    origin's connection is closed too (it sees EOF or a reset, no hang).
+    """
+    ended = threading.Event()
+
+    def raw(sock):
+        try:
+            for piece in body_chunks(256 * MIB, seed=13):
+                sock.sendall(piece)
+        except OSError:
+            ended.set()
+            return
+        raise AssertionError("the origin sent 256 MiB into a reset tunnel")
+
+    origin.raw = raw
+    proxy = tunnel_proxy(connect_ports=[origin.port])
+    sock = open_tunnel(proxy, origin.port)
+    assert sock.recv(MIB)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    assert ended.wait(TIMEOUT), "the origin's connection stayed open"
+
+
+def test_shutdown_grace_cuts_an_open_tunnel(tunnel_proxy, origin):
+    """
+    A tunnel still open when ``timeouts.shutdown_grace`` (1 s) ends after
+    SIGTERM is cut on both sides, and the process exits.
+    """
+    origin_closed = threading.Event()
+
+    def raw(sock):
+        sock.sendall(b"hello")
+        try:
+            if sock.recv(1) == b"":
+                origin_closed.set()
+        except ConnectionResetError:
+            origin_closed.set()
+
+    origin.raw = raw
+    proxy = tunnel_proxy(connect_ports=[origin.port], timeouts={"shutdown_grace": 1.0})
+    with open_tunnel(proxy, origin.port) as sock:
+        sock.settimeout(TIMEOUT)
+        assert sock.recv(5) == b"hello"
+        signalled = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        assert 0.9 <= time.monotonic() - signalled < 4
+    assert origin_closed.wait(TIMEOUT)
+    assert proxy.proc.wait(TIMEOUT) == -signal.SIGTERM

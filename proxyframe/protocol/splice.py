@@ -20,9 +20,11 @@ are made 1 MiB large (``fs.pipe-max-size``'s default) where the system
 allows, as fewer, larger moves cost less CPU per byte; where it does not,
 the default size works the same, only with more moves.
 
-Back-pressure is the pipe's: a direction reads only when its pipe is empty,
-so at most one pipe's worth is held per direction, plus the sockets' own
-buffers.  An end-of-stream is passed on as a half-close
+Back-pressure is the pipe's: while the sink is slow, a direction goes on
+reading into its pipe until the pipe is full (so the source keeps
+flowing, as it would into a transport's buffer), then stops reading until
+the sink takes some; at most one pipe's worth is held per direction, plus
+the sockets' own buffers.  An end-of-stream is passed on as a half-close
 (``shutdown(SHUT_WR)``) once the pipe is drained; the tunnel closes when
 both directions have ended, and is aborted when either socket fails.
 """
@@ -48,23 +50,27 @@ _POOL_SIZE = 8
 
 
 class _PipePool:
-    """Empty pipes, shared by the process's tunnels: ``(read end, write end)`` pairs."""
+    """
+    Empty pipes, shared by the process's tunnels: ``(read end, write end,
+    capacity in bytes)``.
+    """
 
     def __init__(self) -> None:
-        self._free: list[tuple[int, int]] = []
+        self._free: list[tuple[int, int, int]] = []
 
-    def take(self) -> tuple[int, int]:
+    def take(self) -> tuple[int, int, int]:
         """:raises OSError: no pipe could be made (e.g. ``EMFILE``)."""
         if self._free:
             return self._free.pop()
-        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            capacity = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         except OSError:
-            pass  # over fs.pipe-max-size or the user's quota: the default size works
-        return pipe
+            # Over fs.pipe-max-size or the user's quota: the size it has works.
+            capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        return read_end, write_end, capacity
 
-    def give_back(self, pipe: tuple[int, int], empty: bool = True) -> None:
+    def give_back(self, pipe: tuple[int, int, int], empty: bool = True) -> None:
         """Keep *pipe* for reuse if *empty* and there is room, else close it."""
         if empty and len(self._free) < _POOL_SIZE:
             self._free.append(pipe)
@@ -218,7 +224,7 @@ class _Direction:
         self.tunnel = tunnel
         self.source, self.sink = source, sink
         source.feeds = sink.drains = self
-        self.pipe: tuple[int, int] | None = None
+        self.pipe: tuple[int, int, int] | None = None
         self.in_pipe = 0
         self.count = 0
         self.eof = False
@@ -228,7 +234,7 @@ class _Direction:
         self.source.start_reading()
 
     def pull(self) -> None:
-        """The source is readable (the pipe is empty): move what it has into the pipe."""
+        """The source is readable: move what it has into the pipe, then on to the sink."""
         if self.pipe is None:
             try:
                 self.pipe = _pipes.take()
@@ -238,15 +244,21 @@ class _Direction:
         try:
             moved = os.splice(self.source.fd, self.pipe[1], _PIPE_SIZE, flags=_FLAGS)
         except BlockingIOError:
-            moved = -1
+            # Nothing to read after all, or the pipe is full: the sink's
+            # next writable event makes room and reads again.
+            if self.in_pipe:
+                self.source.stop_reading()
+            else:
+                self.release_pipe()
+            return
         except OSError:
             self.tunnel.abort()
             return
-        if moved <= 0:
-            self.release_pipe()
-            if moved == 0:
-                self.eof = True
-                self.source.stop_reading()
+        if moved == 0:
+            self.eof = True
+            self.source.stop_reading()
+            if not self.in_pipe:
+                self.release_pipe()
                 self._pass_on_end()
             return
         self.in_pipe += moved
@@ -254,7 +266,11 @@ class _Direction:
         self.push()
 
     def push(self) -> None:
-        """Move the pipe's bytes into the sink; read again only once it is empty."""
+        """
+        Move the pipe's bytes into the sink.  What the sink does not take
+        waits in the pipe (the sink is watched for room), and the source
+        is read meanwhile until the pipe is full: then the source waits.
+        """
         while self.in_pipe:
             try:
                 moved = os.splice(self.pipe[0], self.sink.fd, self.in_pipe, flags=_FLAGS)
@@ -265,8 +281,11 @@ class _Direction:
                 return
             self.in_pipe -= moved
         if self.in_pipe:
-            self.source.stop_reading()
             self.sink.start_writing()
+            if self.in_pipe >= self.pipe[2]:
+                self.source.stop_reading()
+            elif not self.eof:
+                self.source.start_reading()
             return
         self.release_pipe()
         self.sink.stop_writing()
