@@ -96,7 +96,9 @@ def splice_available(client, upstream) -> bool:
 class SpliceTunnel:
     """
     The splice between a client transport and an upstream transport, in
-    the kernel.  Same interface as :class:`~proxyframe.protocol.tunnel.Tunnel`.
+    the kernel.  Its counts, :meth:`close` and :meth:`abort` are those of
+    :class:`~proxyframe.protocol.tunnel.Tunnel`; the transports deliver
+    nothing to their protocols while it runs.
 
     :ivar bytes_up: bytes relayed client → upstream (``int``).
     :ivar bytes_down: bytes relayed upstream → client (``int``).
