@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import signal
 import socket
 import struct
@@ -535,3 +536,39 @@ def test_shutdown_grace_cuts_an_open_tunnel(tunnel_proxy, origin):
         assert 0.9 <= time.monotonic() - signalled < 4
     assert origin_closed.wait(TIMEOUT)
     assert proxy.proc.wait(TIMEOUT) == -signal.SIGTERM
+
+
+def test_tunnel_without_a_pipe_to_spare_is_relayed_in_python(start_proxy, origin):
+    """
+    When the process has no descriptors left for a pipe (``EMFILE``), a
+    tunnel is still opened and relayed, byte-exact both ways, by the Python
+    relay: no pipe is made.
+    """
+    up, down = body_bytes(3 * MIB + 1, seed=14), body_bytes(2 * MIB + 3, seed=15)
+    record = RecordingOrigin()
+
+    def raw(sock):
+        record.body = hash_until_eof(sock)
+        record.done.set()
+        sock.sendall(down)
+
+    proxy = start_proxy(connect_ports=[origin.port], splice_tunnels=True)
+    # A first exchange, so that what the proxy opens once (its upstream
+    # resolver's machinery) is open before the limit.
+    with socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT) as sock:
+        sock.sendall(f"GET {origin.url('/bytes/10?seed=1')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, _, body = read_response(sock, "GET")
+        assert (status, body) == (200, body_bytes(10, seed=1))
+    origin.raw = raw
+    fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+    pipes = pipe_descriptors(proxy.pid)
+    # Room for the client's socket and the upstream socket, not for a pipe.
+    resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (fds + 2, fds + 2))
+    with open_tunnel(proxy, origin.port) as sock:
+        sock.sendall(up)
+        sock.shutdown(socket.SHUT_WR)
+        received = recv_all(sock)
+    assert record.done.wait(TIMEOUT)
+    assert (record.body.length, record.body.hexdigest()) == (len(up), sha(up))
+    assert (len(received), sha(received)) == (len(down), sha(down))
+    assert pipe_descriptors(proxy.pid) == pipes
