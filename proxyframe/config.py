@@ -142,10 +142,13 @@ class Config:
         ``tcp6:`` endpoints).
     :ivar connect_ports: destination ports a CONNECT tunnel may be opened
         to; any other port gets 403 (RFC 9110 §9.3.6 advises limiting them).
-    :ivar splice_tunnels: relay CONNECT tunnels inside the kernel with
-        ``splice(2)`` where the system has it (Linux) and both connections
-        are plain TCP (:mod:`proxyframe.protocol.splice`); ``false`` relays
-        every tunnel through Python.  The bytes are the same either way.
+    :ivar splice: move bytes that need no work inside the kernel with
+        ``splice(2)``, where the system has it (Linux) and both connections
+        are plain TCP (:mod:`proxyframe.protocol.splice`): CONNECT tunnels,
+        and the rest of a response body of known length (256 KiB or more
+        after the head's read) that no filter reads and that goes out
+        unchanged; ``false`` relays every byte through Python.  The bytes
+        are the same either way.
     :ivar via: the pseudonym this proxy adds to ``Via`` (RFC 9110 §7.6.3).
     :ivar workers: how many processes serve the listening sockets: ``1``
         is one process and no supervisor; ``N`` > 1 is a supervisor that
@@ -164,7 +167,7 @@ class Config:
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     connect_ports: tuple[int, ...] = (443,)
-    splice_tunnels: bool = True
+    splice: bool = True
     via: str = "proxyframe"
     workers: int = 0
     plugin_paths: tuple[str, ...] = ()

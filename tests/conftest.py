@@ -44,6 +44,18 @@ def start_proxy(tmp_path):
         proc.stop()
 
 
+@pytest.fixture(params=[True, False], ids=["splice", "python"])
+def splice_proxy(request, start_proxy):
+    """
+    ``start_proxy`` with the ``splice`` setting at each value in turn (the
+    kernel relay, and Python's); ``splice_proxy.splice`` says which.
+    """
+    def start(**config):
+        return start_proxy(splice=request.param, **config)
+    start.splice = request.param
+    return start
+
+
 @pytest.fixture
 def proxy(start_proxy):
     return start_proxy()

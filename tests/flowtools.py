@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 
-from support import body_sha256
+from support import OriginConnection, Received, body_chunks, body_sha256
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 #: SO_RCVBUF / SO_SNDBUF of the test's own sockets in back-pressure tests,
@@ -173,3 +173,20 @@ class BodyHash:
             self.update(piece)
             if pacer is not None:
                 pacer.advance(len(piece))
+
+
+def blocked_sender_origin(origin, size: int, sent: Progress) -> None:
+    """
+    Make *origin* answer any request with *size* bytes of ``body_chunks(size,
+    seed=1)`` sent in 64 KiB blocking ``sendall`` calls from a socket with
+    a small send buffer, counting in *sent* what the proxy accepted.
+    """
+    def handler(conn: OriginConnection, req: Received) -> bool:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        conn.send(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+        for piece in body_chunks(size, seed=1):
+            conn.send(piece)
+            sent.add(len(piece))
+        return True
+
+    origin.handler = handler

@@ -567,6 +567,18 @@ def tempdir() -> Path:
 
 # -- waiting -----------------------------------------------------------------------
 
+def pipe_descriptors(pid: int) -> int:
+    """How many pipe ends process *pid* has open (from ``/proc/PID/fd``)."""
+    fds = f"/proc/{pid}/fd"
+    count = 0
+    for name in os.listdir(fds):
+        try:
+            count += os.readlink(f"{fds}/{name}").startswith("pipe:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
 def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
     """Poll *condition* until it is true; fail the test after *timeout* seconds."""
     deadline = time.monotonic() + timeout

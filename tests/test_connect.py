@@ -3,7 +3,7 @@ CONNECT tunnels (RFC 9110 §9.3.6): authority-form target, a port
 allow-list from the config (default 443 only, others 403), then a 200 and
 a byte-exact bidirectional tunnel with back-pressure and half-close passed
 on in each direction.  The tunnel tests run with each relay: splice(2) in
-the kernel (the default on Linux) and Python (``splice_tunnels = false``).
+the kernel (the default on Linux) and Python (``splice = false``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from flowtools import (
     expected_sha256,
     small_buffer_socket,
 )
-from support import body_bytes, body_chunks, read_response
+from support import body_bytes, body_chunks, pipe_descriptors, read_response
 
 # -- helpers --------------------------------------------------------------------
 
@@ -120,27 +120,6 @@ def refused(proxy, target: str) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
-@pytest.fixture(params=[True, False], ids=["splice", "python"])
-def tunnel_proxy(request, start_proxy):
-    """``start_proxy`` with ``splice_tunnels`` set to each value in turn; ``.splice`` says which."""
-    def start(**config):
-        return start_proxy(splice_tunnels=request.param, **config)
-    start.splice = request.param
-    return start
-
-
-def pipe_descriptors(pid: int) -> int:
-    """How many pipe ends process *pid* has open."""
-    fds = f"/proc/{pid}/fd"
-    count = 0
-    for name in os.listdir(fds):
-        try:
-            count += os.readlink(f"{fds}/{name}").startswith("pipe:")
-        except FileNotFoundError:
-            pass
-    return count
-
-
 class RecordingOrigin:
     """What a raw tunnel origin received, filled in by its thread."""
 
@@ -151,14 +130,14 @@ class RecordingOrigin:
 
 # -- curl over TLS ----------------------------------------------------------------
 
-def test_curl_https_through_tunnel_is_byte_exact(tunnel_proxy, tls_origin, curl, tmp_path):
+def test_curl_https_through_tunnel_is_byte_exact(splice_proxy, tls_origin, curl, tmp_path):
     """
     curl fetches https:// through the proxy with CONNECT (to a port in
     ``connect_ports``): the TLS session runs end to end, the body is byte
     exact, and the origin saw exactly one request, unmodified by the proxy
     (no Via: a tunnel does not touch the bytes).
     """
-    proxy = tunnel_proxy(connect_ports=[tls_origin.port])
+    proxy = splice_proxy(connect_ports=[tls_origin.port])
     out = tmp_path / "body"
     result = subprocess.run(
         [curl, "-sS", "-k", "-x", proxy.url, f"https://127.0.0.1:{tls_origin.port}/bytes/5000000?seed=7",
@@ -248,7 +227,7 @@ def test_malformed_connect_target_is_400(start_proxy, listener, template):
 # -- the tunnel -------------------------------------------------------------------
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["after-200", "pipelined"])
-def test_tunnel_is_byte_exact_and_passes_on_client_half_close(tunnel_proxy, origin, pipelined):
+def test_tunnel_is_byte_exact_and_passes_on_client_half_close(splice_proxy, origin, pipelined):
     """
     Bytes the client sends (after the 200, or in the same write as the
     CONNECT head) reach the origin exactly; the client's half-close
@@ -264,7 +243,7 @@ def test_tunnel_is_byte_exact_and_passes_on_client_half_close(tunnel_proxy, orig
         sock.sendall(reply)
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port])
+    proxy = splice_proxy(connect_ports=[origin.port])
     payload = body_bytes(size, seed=8)
     early, later = (payload, b"") if pipelined else (b"", payload)
     with open_tunnel(proxy, origin.port, early=early) as sock:
@@ -276,7 +255,7 @@ def test_tunnel_is_byte_exact_and_passes_on_client_half_close(tunnel_proxy, orig
     assert (len(received), sha(received)) == (len(reply), sha(reply))
 
 
-def test_tunnel_passes_on_origin_half_close(tunnel_proxy, origin):
+def test_tunnel_passes_on_origin_half_close(splice_proxy, origin):
     """
     The origin sends data then half-closes while still reading: the client
     gets the data then EOF, yet can still send, and the origin receives
@@ -292,7 +271,7 @@ def test_tunnel_passes_on_origin_half_close(tunnel_proxy, origin):
         record.done.set()
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port])
+    proxy = splice_proxy(connect_ports=[origin.port])
     with open_tunnel(proxy, origin.port) as sock:
         received = recv_all(sock)
         assert (len(received), sha(received)) == (len(down), sha(down))
@@ -303,7 +282,7 @@ def test_tunnel_passes_on_origin_half_close(tunnel_proxy, origin):
     assert (record.body.length, record.body.hexdigest()) == (len(up), sha(up))
 
 
-def test_tunnel_slow_client_pauses_the_origin(tunnel_proxy, origin):
+def test_tunnel_slow_client_pauses_the_origin(splice_proxy, origin):
     """
     Back-pressure in a tunnel: an origin sending 256 MiB to a client that
     reads nothing is blocked after at most IN_FLIGHT_BOUND; when the client reads,
@@ -318,7 +297,7 @@ def test_tunnel_slow_client_pauses_the_origin(tunnel_proxy, origin):
             sent.add(len(piece))
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port])
+    proxy = splice_proxy(connect_ports=[origin.port])
     with open_tunnel(proxy, origin.port, option=socket.SO_RCVBUF) as sock:
         stalled_at = sent.wait_stalled()
         assert stalled_at < IN_FLIGHT_BOUND, f"origin sent {stalled_at / MIB:.1f} MiB into the tunnel"
@@ -326,7 +305,7 @@ def test_tunnel_slow_client_pauses_the_origin(tunnel_proxy, origin):
     assert (body.length, body.hexdigest()) == (size, expected_sha256(size, 5))
 
 
-def test_tunnel_slow_origin_pauses_the_client(tunnel_proxy, origin):
+def test_tunnel_slow_origin_pauses_the_client(splice_proxy, origin):
     """
     Back-pressure in a tunnel the other way: a client sending 256 MiB to an
     origin that reads nothing is blocked after at most IN_FLIGHT_BOUND; when
@@ -342,7 +321,7 @@ def test_tunnel_slow_origin_pauses_the_client(tunnel_proxy, origin):
             record.done.set()
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port])
+    proxy = splice_proxy(connect_ports=[origin.port])
     with open_tunnel(proxy, origin.port, option=socket.SO_SNDBUF) as sock:
         def send():
             for piece in body_chunks(size, seed=6):
@@ -360,7 +339,7 @@ def test_tunnel_slow_origin_pauses_the_client(tunnel_proxy, origin):
     assert (record.body.length, record.body.hexdigest()) == (size, expected_sha256(size, 6))
 
 
-def test_concurrent_tunnels_are_byte_exact(tunnel_proxy, origin):
+def test_concurrent_tunnels_are_byte_exact(splice_proxy, origin):
     """
     Twelve tunnels at once, each sending a different body each way while
     the other way flows: every byte arrives at its own peer, in order (the
@@ -381,7 +360,7 @@ def test_concurrent_tunnels_are_byte_exact(tunnel_proxy, origin):
         record.done.set()
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port])
+    proxy = splice_proxy(connect_ports=[origin.port])
     received: dict[int, BodyHash] = {}
 
     def client(number: int) -> None:
@@ -411,7 +390,7 @@ def test_concurrent_tunnels_are_byte_exact(tunnel_proxy, origin):
         assert (up.length, up.hexdigest()) == (2 * MIB + 31 * n, expected_sha256(2 * MIB + 31 * n, 200 + n))
 
 
-def test_origin_reset_ends_the_tunnel(tunnel_proxy, origin):
+def test_origin_reset_ends_the_tunnel(splice_proxy, origin):
     """
     The origin resets its connection mid-stream: the client's connection is
     closed too (no hang), and the proxy opens the next tunnel as usual.
@@ -425,7 +404,7 @@ def test_origin_reset_ends_the_tunnel(tunnel_proxy, origin):
         sock.close()
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port])
+    proxy = splice_proxy(connect_ports=[origin.port])
     with open_tunnel(proxy, origin.port) as sock:
         sock.settimeout(TIMEOUT)
         sock.sendall(b"reset")
@@ -439,7 +418,7 @@ def test_origin_reset_ends_the_tunnel(tunnel_proxy, origin):
         assert recv_all(sock) == b"fine"
 
 
-def test_relay_in_use_is_the_configured_one(tunnel_proxy, origin):
+def test_relay_in_use_is_the_configured_one(splice_proxy, origin):
     """
     Which relay runs: with a tunnel stalled both ways (neither peer reads),
     the splice relay holds the waiting bytes in a pipe per direction (one
@@ -464,7 +443,7 @@ def test_relay_in_use_is_the_configured_one(tunnel_proxy, origin):
         sock.close()
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port])
+    proxy = splice_proxy(connect_ports=[origin.port])
     with open_tunnel(proxy, origin.port) as sock:
         sock.sendall(b"first")
         assert recv_all(sock) == b""
@@ -479,10 +458,10 @@ def test_relay_in_use_is_the_configured_one(tunnel_proxy, origin):
             added = pipe_descriptors(proxy.pid) - before
         finally:
             gate.set()
-    assert added == (2 if tunnel_proxy.splice else 0), added
+    assert added == (2 if splice_proxy.splice else 0), added
 
 
-def test_client_reset_ends_the_tunnel(tunnel_proxy, origin):
+def test_client_reset_ends_the_tunnel(splice_proxy, origin):
     """
     The client resets its connection while the origin is sending: the
     origin's connection is closed too (it sees EOF or a reset, no hang).
@@ -499,7 +478,7 @@ def test_client_reset_ends_the_tunnel(tunnel_proxy, origin):
         raise AssertionError("the origin sent 256 MiB into a reset tunnel")
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port])
+    proxy = splice_proxy(connect_ports=[origin.port])
     sock = open_tunnel(proxy, origin.port)
     assert sock.recv(MIB)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -507,7 +486,7 @@ def test_client_reset_ends_the_tunnel(tunnel_proxy, origin):
     assert ended.wait(TIMEOUT), "the origin's connection stayed open"
 
 
-def test_shutdown_grace_cuts_an_open_tunnel(tunnel_proxy, origin):
+def test_shutdown_grace_cuts_an_open_tunnel(splice_proxy, origin):
     """
     A tunnel still open when ``timeouts.shutdown_grace`` (1 s) ends after
     SIGTERM is cut on both sides, and the process exits.
@@ -523,7 +502,7 @@ def test_shutdown_grace_cuts_an_open_tunnel(tunnel_proxy, origin):
             origin_closed.set()
 
     origin.raw = raw
-    proxy = tunnel_proxy(connect_ports=[origin.port], timeouts={"shutdown_grace": 1.0})
+    proxy = splice_proxy(connect_ports=[origin.port], timeouts={"shutdown_grace": 1.0})
     with open_tunnel(proxy, origin.port) as sock:
         sock.settimeout(TIMEOUT)
         assert sock.recv(5) == b"hello"
@@ -552,7 +531,7 @@ def test_tunnel_without_a_pipe_to_spare_is_relayed_in_python(start_proxy, origin
         record.done.set()
         sock.sendall(down)
 
-    proxy = start_proxy(connect_ports=[origin.port], splice_tunnels=True)
+    proxy = start_proxy(connect_ports=[origin.port], splice=True)
     # A first exchange, so that what the proxy opens once (its upstream
     # resolver's machinery) is open before the limit.
     with socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT) as sock:

@@ -21,6 +21,7 @@ import threading
 import pytest
 
 from flowtools import (
+    blocked_sender_origin,
     GIB,
     IN_FLIGHT_BOUND,
     MIB,
@@ -72,23 +73,6 @@ def upload(proxy, url: str, size: int, seed: int, chunked: bool, sent: Progress 
             sock.sendall(b"0\r\n\r\n")
         status, _, _ = read_response(sock, "POST")
         return status
-
-
-def blocked_sender_origin(origin, size: int, sent: Progress) -> None:
-    """
-    Make *origin* answer any request with *size* bytes of ``body_chunks(size,
-    seed=1)`` sent in 64 KiB blocking ``sendall`` calls from a socket with
-    a small send buffer, counting in *sent* what the proxy accepted.
-    """
-    def handler(conn: OriginConnection, req: Received) -> bool:
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
-        conn.send(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
-        for piece in body_chunks(size, seed=1):
-            conn.send(piece)
-            sent.add(len(piece))
-        return True
-
-    origin.handler = handler
 
 
 def reading_origin(origin, gate: threading.Event | None = None, pacer: Pacer | None = None) -> list[Received]:

@@ -40,7 +40,7 @@ from proxyframe.http1 import (
     request_body_reader,
 )
 from proxyframe.protocol.sending import write, write_sequence
-from proxyframe.protocol.splice import SpliceTunnel
+from proxyframe.protocol.splice import SpliceTunnel, splice_available
 from proxyframe.protocol.tunnel import Tunnel, TunnelUpstream, open_tunnel
 from proxyframe.protocol.upstream import UpstreamConnection, UpstreamPool, connect_error
 
@@ -60,7 +60,7 @@ LINGER = 2.0
 _HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED = range(5)
 # Reasons to stop reading the client socket, as bits: reading resumes only
 # when none is left.
-_PAUSE_UPSTREAM, _PAUSE_PIPELINE, _PAUSE_CONNECTING, _PAUSE_FILTERS = 1, 2, 4, 8
+_PAUSE_UPSTREAM, _PAUSE_PIPELINE, _PAUSE_CONNECTING, _PAUSE_FILTERS, _PAUSE_SPLICE = 1, 2, 4, 8, 16
 # Methods that may be retried on a fresh connection when a reused one was
 # closed before any response byte (RFC 9110 §9.2.2).
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -562,6 +562,28 @@ class ProxyServer(Protocol):
         else:
             write(self.transport, data)
 
+    def splice_sink(self):
+        """
+        The upstream offers to move the rest of a body of known length
+        inside the kernel: allow it (returning the client transport, whose
+        reading is paused meanwhile) when the ``splice`` setting is on, the
+        request is complete, the head is written, the body goes out as it
+        comes (no filter sees it, no chunked framing) and both connections
+        are plain TCP with nothing queued; else ``None``.
+        """
+        if (self._state != _WAIT or self._head_out or self._held is not None or self._chain.body_hooks
+                or self._chunk_out or self._close_delimited_out or not self.factory.config.splice
+                or self._upstream is None or not splice_available(self.transport, self._upstream.transport)):
+            return None
+        self._pause(_PAUSE_SPLICE)
+        return self.transport
+
+    def splice_ended(self, moved: int) -> None:
+        """The kernel moved *moved* body bytes to the client; the transport is ours again."""
+        if self.exchange is not None:
+            self.exchange.bytes_sent += moved
+        self._resume(_PAUSE_SPLICE)
+
     def _take_back_head(self) -> None:
         """
         The exchange fails: a response head not yet written is dropped, so
@@ -781,7 +803,7 @@ class ProxyServer(Protocol):
         self._pause_bits = 0
         early, self._early, self._buf = self._early + bytes(self._buf), b"", bytearray()
         self._tunnel = upstream.tunnel = open_tunnel(
-            self.transport, upstream.transport, self._tunnel_closed, early, self.factory.config.splice_tunnels)
+            self.transport, upstream.transport, self._tunnel_closed, early, self.factory.config.splice)
 
     def _tunnel_closed(self, tunnel: Tunnel | SpliceTunnel) -> None:
         exchange = self.exchange
@@ -867,6 +889,10 @@ class ProxyServer(Protocol):
         """Close at once (the shutdown grace period is over)."""
         if self._tunnel is not None:
             self._tunnel.abort()
+        if self._upstream is not None:
+            # First: a body it is splicing shares this transport's descriptor.
+            upstream, self._upstream = self._upstream, None
+            upstream.abort()
         self.transport.abortConnection()
 
 

@@ -40,7 +40,7 @@ from twisted.internet.tcp import Connection
 
 from proxyframe.protocol.sending import nothing_queued
 
-__all__ = ["SpliceTunnel", "splice_available"]
+__all__ = ["SpliceBody", "SpliceTunnel", "splice_available"]
 
 # The pipe size asked for, and the most one splice(2) moves (bytes).
 _PIPE_SIZE = 1 << 20
@@ -138,9 +138,21 @@ class SpliceTunnel:
     def bytes_down(self) -> int:
         return self._down.count
 
-    def direction_ended(self) -> None:
+    def direction_ended(self, direction: _Direction) -> None:
+        """*direction*'s source ended and its pipe is drained: pass the end on."""
+        try:
+            direction.sink.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.abort()
+            return
         if self._up.ended and self._down.ended:
             self.close()
+
+    def source_awaited(self) -> None:
+        """A direction waits for its source (a tunnel has no timer for that)."""
+
+    def sink_awaited(self) -> None:
+        """A direction waits for its sink to take bytes."""
 
     def close(self) -> None:
         """
@@ -152,6 +164,8 @@ class SpliceTunnel:
     def abort(self) -> None:
         """End the tunnel at once (a socket failed, or the shutdown grace expired)."""
         self._finish(lambda transport: transport.abortConnection())
+
+    sink_failed = abort
 
     def _finish(self, end_transport: Callable[[Connection], object]) -> None:
         if self._on_closed is None:
@@ -170,10 +184,108 @@ class SpliceTunnel:
         on_closed(self)
 
 
+class SpliceBody:
+    """
+    A response body of known length, moved from the upstream's socket to
+    the client's inside the kernel, exactly *length* bytes; then both
+    transports are the caller's again.
+
+    :ivar moved: body bytes that reached the client's socket so far (``int``).
+    """
+
+    def __init__(self, upstream: Connection, client: Connection, length: int, timeout: float,
+                 on_done: Callable[[SpliceBody], object], on_failed: Callable[[SpliceBody, str], object]) -> None:
+        """
+        :param upstream: the upstream's transport, the response head read.
+        :param client: the client's transport, the response head written
+            (see :func:`splice_available`).
+        :param length: body bytes to move (bytes).
+        :param timeout: seconds the upstream may send nothing while the
+            client is not the one holding things up.
+        :param on_done: called with this once *length* bytes reached the
+            client's socket.
+        :param on_failed: called with this and what failed:
+            ``"timeout"`` (the upstream sent nothing for *timeout*
+            seconds), ``"upstream"`` (it ended early, or its socket
+            failed) or ``"client"`` (the client's socket failed); the
+            caller then closes the connections.
+        :raises OSError: no pipe could be made; nothing was changed.
+        """
+        _pipes.give_back(_pipes.take())
+        self.upstream, self.client = upstream, client
+        self._reactor = upstream.reactor
+        self._timeout = timeout
+        self._on_done: Callable | None = on_done
+        self._on_failed = on_failed
+        source, sink = _End(self, upstream), _End(self, client)
+        self._ends = (source, sink)
+        self._body = _Direction(self, source, sink, limit=length)
+        for transport in (upstream, client):
+            transport.stopReading()
+            transport.stopWriting()
+        self._timer = self._reactor.callLater(timeout, self._timed_out)
+        self._body.start()
+
+    @property
+    def moved(self) -> int:
+        return self._body.count - self._body.in_pipe
+
+    def source_awaited(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout)
+        elif self._on_done is not None:
+            self._timer = self._reactor.callLater(self._timeout, self._timed_out)
+
+    def sink_awaited(self) -> None:
+        # A client that reads slowly is not an origin that is slow.
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def direction_ended(self, direction: _Direction) -> None:
+        if direction.count == direction.limit:
+            on_done = self._finish()
+            if on_done is not None:
+                on_done(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """The upstream ended early, or a socket failed."""
+        self._fail("upstream")
+
+    def sink_failed(self) -> None:
+        self._fail("client")
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail("timeout")
+
+    def _fail(self, what: str) -> None:
+        if self._finish() is not None:
+            self._on_failed(self, what)
+
+    def cancel(self) -> None:
+        """Stop at once, calling back nobody (the caller is closing the connections)."""
+        self._finish()
+
+    def _finish(self) -> Callable | None:
+        """Off the reactor, the pipe back; returns on_done the first time only."""
+        on_done, self._on_done = self._on_done, None
+        if on_done is None:
+            return None
+        self.sink_awaited()
+        for end in self._ends:
+            self._reactor.removeReader(end)
+            self._reactor.removeWriter(end)
+        self._body.release_pipe()
+        return on_done
+
+
 class _End:
     """One socket of the tunnel, as the reactor sees it (an ``IReadWriteDescriptor``)."""
 
-    def __init__(self, tunnel: SpliceTunnel, transport: Connection) -> None:
+    def __init__(self, tunnel: SpliceTunnel | SpliceBody, transport: Connection) -> None:
         self.tunnel = tunnel
         self.socket: socket.socket = transport.socket
         self.fd = transport.fileno()
@@ -222,13 +334,16 @@ class _End:
 class _Direction:
     """The bytes from one socket to the other, through a pipe while they wait."""
 
-    def __init__(self, tunnel: SpliceTunnel, source: _End, sink: _End) -> None:
+    def __init__(self, tunnel: SpliceTunnel | SpliceBody, source: _End, sink: _End,
+                 limit: int | None = None) -> None:
         self.tunnel = tunnel
         self.source, self.sink = source, sink
         source.feeds = sink.drains = self
         self.pipe: tuple[int, int, int] | None = None
         self.in_pipe = 0
         self.count = 0
+        # Bytes to move before the direction ends, or None: until EOF.
+        self.limit = limit
         self.eof = False
         self.ended = False
 
@@ -243,8 +358,9 @@ class _Direction:
             except OSError:
                 self.tunnel.abort()
                 return
+        wanted = _PIPE_SIZE if self.limit is None else min(_PIPE_SIZE, self.limit - self.count)
         try:
-            moved = os.splice(self.source.fd, self.pipe[1], _PIPE_SIZE, flags=_FLAGS)
+            moved = os.splice(self.source.fd, self.pipe[1], wanted, flags=_FLAGS)
         except BlockingIOError:
             # Nothing to read after all, or the pipe is full: the sink's
             # next writable event makes room and reads again.
@@ -265,6 +381,9 @@ class _Direction:
             return
         self.in_pipe += moved
         self.count += moved
+        if self.count == self.limit:
+            self.eof = True
+            self.source.stop_reading()
         self.push()
 
     def push(self) -> None:
@@ -279,11 +398,12 @@ class _Direction:
             except BlockingIOError:
                 break
             except OSError:
-                self.tunnel.abort()
+                self.tunnel.sink_failed()
                 return
             self.in_pipe -= moved
         if self.in_pipe:
             self.sink.start_writing()
+            self.tunnel.sink_awaited()
             if self.in_pipe >= self.pipe[2]:
                 self.source.stop_reading()
             elif not self.eof:
@@ -294,18 +414,14 @@ class _Direction:
         if self.eof:
             self._pass_on_end()
         else:
+            self.tunnel.source_awaited()
             self.source.start_reading()
 
     def _pass_on_end(self) -> None:
         if self.in_pipe or self.ended:
             return
         self.ended = True
-        try:
-            self.sink.socket.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.tunnel.abort()
-            return
-        self.tunnel.direction_ended()
+        self.tunnel.direction_ended(self)
 
     def release_pipe(self) -> None:
         """Give the pipe back to the pool (closed instead if bytes are left in it)."""

@@ -34,7 +34,7 @@ def open_tunnel(client, upstream, on_closed: Callable, early: bytes, splice: boo
     :param early: bytes the client sent after the CONNECT head, before the
         2xx: they go upstream first.
     :param splice: relay with ``splice(2)`` where :func:`splice_available`
-        allows (the ``splice_tunnels`` setting); otherwise, or when no pipe
+        allows (the ``splice`` setting); otherwise, or when no pipe
         can be made (``EMFILE``), through Python with :class:`Tunnel`.
     :returns: the tunnel; its ``bytes_up`` count includes *early*.
     """

@@ -25,13 +25,24 @@ from zope.interface import implementer
 
 from proxyframe.errorpage import ProxyError
 from proxyframe.exchange import Headers, Response
-from proxyframe.http1 import BodyReader, ProtocolError, parse_response_head, response_body_reader
+from proxyframe.http1 import (
+    BodyReader,
+    ContentLengthReader,
+    ProtocolError,
+    parse_response_head,
+    response_body_reader,
+)
 from proxyframe.protocol.sending import write, write_sequence
+from proxyframe.protocol.splice import SpliceBody
 
 if TYPE_CHECKING:
     from proxyframe.config import Config
 
 __all__ = ["UpstreamConnection", "UpstreamPool", "ResponseHandler", "connect_error"]
+
+#: Bodies of known length with at least this many bytes left after the
+#: head's read go through the kernel (SpliceBody), when the handler allows.
+SPLICE_MIN_BODY = 256 * 1024
 
 #: (host, port) of an origin server; the scheme is always http for now.
 OriginKey = tuple[str, int]
@@ -46,6 +57,8 @@ class ResponseHandler(TypingProtocol):
     def response_complete(self, trailers: Headers | None) -> None: ...
     def flush(self) -> None: ...
     def upstream_failed(self, error: ProxyError, conn: UpstreamConnection) -> None: ...
+    def splice_sink(self): ...
+    def splice_ended(self, moved: int) -> None: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
     def stopProducing(self) -> None: ...
@@ -97,6 +110,7 @@ class UpstreamConnection(Protocol):
         self._keep_alive = True
         self._timer = None
         self._paused = False
+        self._splice: SpliceBody | None = None
         self.request_body_done = True
 
     # -- exchange lifecycle ---------------------------------------------
@@ -150,6 +164,7 @@ class UpstreamConnection(Protocol):
         Give up the current exchange (the client went away): the
         connection is closed, as its response can no longer be framed.
         """
+        self._cancel_splice()
         self._state = _DONE
         self._detach()
         self.transport.abortConnection()
@@ -296,6 +311,62 @@ class UpstreamConnection(Protocol):
                 self.dataReceived(data)
             if self.handler is not None:
                 self.handler.flush()
+                self._maybe_splice()
+
+    # -- the body in the kernel -------------------------------------------
+
+    def _maybe_splice(self) -> None:
+        """
+        Move the rest of a long body of known length with ``splice(2)``
+        (:class:`~proxyframe.protocol.splice.SpliceBody`) when the handler
+        offers its client transport for it (it checks the conditions).
+        """
+        reader = self._reader
+        if (self._state != _BODY or self._paused or type(reader) is not ContentLengthReader
+                or reader.remaining < SPLICE_MIN_BODY):
+            return
+        client = self.handler.splice_sink()
+        if client is None:
+            return
+        try:
+            self._splice = SpliceBody(self.transport, client, reader.remaining, self.pool.response_timeout,
+                                      self._splice_done, self._splice_failed)
+        except OSError:
+            self.handler.splice_ended(0)
+            return
+        # The splice keeps its own timer while it runs.
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _cancel_splice(self) -> None:
+        """Stop a running splice before anything touches the transports (they share its descriptors)."""
+        splice, self._splice = self._splice, None
+        if splice is not None:
+            splice.cancel()
+            if self.handler is not None:
+                self.handler.splice_ended(splice.moved)
+
+    def _splice_done(self, body: SpliceBody) -> None:
+        self._splice = None
+        self._reader.remaining = 0
+        self.transport.startReading()
+        self.handler.splice_ended(body.moved)
+        self._complete(b"")
+
+    def _splice_failed(self, body: SpliceBody, what: str) -> None:
+        # Each failure ends as it would have without the splice.
+        self._splice = None
+        self.handler.splice_ended(body.moved)
+        if what == "timeout":
+            self._timed_out()
+        elif what == "client":
+            # The client's connection is lost: its connectionLost ends the
+            # exchange and aborts this connection.
+            body.client.abortConnection()
+        else:
+            # connectionLost sees a body cut short (502).
+            self.transport.abortConnection()
 
     def connectionLost(self, reason) -> None:
         if self._timer is not None and self._timer.active():
@@ -338,6 +409,7 @@ class UpstreamConnection(Protocol):
                 self._timer = self.pool.reactor.callLater(self.pool.response_timeout, self._timed_out)
 
     def stopProducing(self) -> None:
+        self._cancel_splice()
         self.transport.abortConnection()
 
 
