@@ -93,6 +93,30 @@ def splice_available(client, upstream) -> bool:
         nothing_queued(t) and not getattr(t, "TLS", False) for t in (client, upstream))
 
 
+def _take_over(*transports: Connection) -> None:
+    """
+    Take *transports* off the reactor (after checking that a pipe can be
+    made: :raises OSError: otherwise, with nothing changed).
+    """
+    _pipes.give_back(_pipes.take())
+    for transport in transports:
+        transport.stopReading()
+        transport.stopWriting()
+
+
+def _hand_back(reactor, ends: tuple[_End, ...], directions: tuple[_Direction, ...]) -> None:
+    """
+    Take the splice's registrations off the reactor and its pipes back, before
+    the transports touch the reactor again: it knows one registration per
+    descriptor, and a transport's stopReading would remove ours.
+    """
+    for end in ends:
+        reactor.removeReader(end)
+        reactor.removeWriter(end)
+    for direction in directions:
+        direction.release_pipe()
+
+
 class SpliceTunnel:
     """
     The splice between a client transport and an upstream transport, in
@@ -114,7 +138,7 @@ class SpliceTunnel:
         :raises OSError: no pipe could be made (e.g. ``EMFILE``); nothing
             was changed, so the caller can relay in Python instead.
         """
-        _pipes.give_back(_pipes.take())
+        _take_over(client, upstream)
         self.client = client
         self.upstream = upstream
         self._on_closed: Callable[[SpliceTunnel], object] | None = on_closed
@@ -124,9 +148,6 @@ class SpliceTunnel:
         self._down = _Direction(self, upstream_end, client_end)
         self._up.count = bytes_up
         self._ends = (client_end, upstream_end)
-        for transport in (client, upstream):
-            transport.stopReading()
-            transport.stopWriting()
         self._up.start()
         self._down.start()
 
@@ -171,14 +192,7 @@ class SpliceTunnel:
         if self._on_closed is None:
             return
         on_closed, self._on_closed = self._on_closed, None
-        # Off the reactor before the transports touch it: it knows one
-        # registration per descriptor, and the transports' stopReading
-        # would remove ours.
-        for end in self._ends:
-            self._reactor.removeReader(end)
-            self._reactor.removeWriter(end)
-        self._up.release_pipe()
-        self._down.release_pipe()
+        _hand_back(self._reactor, self._ends, (self._up, self._down))
         for transport in (self.client, self.upstream):
             end_transport(transport)
         on_closed(self)
@@ -211,7 +225,7 @@ class SpliceBody:
             caller then closes the connections.
         :raises OSError: no pipe could be made; nothing was changed.
         """
-        _pipes.give_back(_pipes.take())
+        _take_over(upstream, client)
         self.upstream, self.client = upstream, client
         self._reactor = upstream.reactor
         self._timeout = timeout
@@ -220,9 +234,6 @@ class SpliceBody:
         source, sink = _End(self, upstream), _End(self, client)
         self._ends = (source, sink)
         self._body = _Direction(self, source, sink, limit=length)
-        for transport in (upstream, client):
-            transport.stopReading()
-            transport.stopWriting()
         self._timer = self._reactor.callLater(timeout, self._timed_out)
         self._body.start()
 
@@ -275,10 +286,7 @@ class SpliceBody:
         if on_done is None:
             return None
         self.sink_awaited()
-        for end in self._ends:
-            self._reactor.removeReader(end)
-            self._reactor.removeWriter(end)
-        self._body.release_pipe()
+        _hand_back(self._reactor, self._ends, (self._body,))
         return on_done
 
 
